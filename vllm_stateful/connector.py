@@ -1,0 +1,183 @@
+"""KV connector that keeps session KV alive inside vLLM.
+
+Loaded by vLLM in the scheduler process (role SCHEDULER) and in each worker
+(role WORKER); the two halves share only ``StatefulConnectorMetadata``.
+
+Scheduler side: pins each session's blocks after its append finishes
+(``PinTable``), and, when a session request's prefix-cache hit stops at the
+pinned partial block, claims that block's tokens as "external" so the
+scheduler skips them. Worker side: copies the pinned partial block into the
+block the request was given, before the forward pass. Together a query
+computes exactly its own tokens.
+
+Correctness never depends on a pin: untagged requests and mismatching
+prompts get 0 external tokens and simply recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from vllm_stateful.pins import PinTable
+from vllm_stateful.protocol import EngineReport, Op, RequestTag
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class StatefulConnectorMetadata(KVConnectorMetadata):
+    # (src_block_id, dst_block_id) copies to run before this step's forward.
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _tag(request: Request) -> RequestTag | None:
+    params = request.sampling_params
+    return None if params is None else RequestTag.from_extra_args(params.extra_args)
+
+
+class StatefulConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.block_size = vllm_config.cache_config.block_size
+        # Scheduler side.
+        self.pins: PinTable | None = None
+        self._planned: dict[str, tuple[int, int, int]] = {}  # req -> (src, n, dst index)
+        self._loaded: dict[str, int] = {}  # req -> tail tokens copied
+        self._step_copies: list[tuple[int, int]] = []
+        # Keys of closed sessions: an append still in flight at close time
+        # must not pin again when it finishes.
+        self._closed: set[str] = set()
+        # Worker side.
+        self._kv_caches: list[torch.Tensor] = []
+
+    # ---------------------------------------------------------------- scheduler
+
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        groups = self._kv_cache_config.kv_cache_groups
+        # One attention group (plain decoder models); hybrid models would need
+        # one pin per group.
+        assert len(groups) == 1, "vllm-stateful supports single-group KV caches"
+        self.pins = PinTable(gpu_block_pool, self.block_size)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        tag = _tag(request)
+        if tag is None or self.pins is None:
+            return 0, False
+        if tag.op is Op.CLOSE:
+            # Idempotent: this may run again if allocation is retried.
+            self._closed.add(tag.session)
+            self.pins.release(tag.session)
+            return 0, False
+        if tag.op is Op.PROBE:
+            return 0, False
+        n, src = self.pins.match_tail(
+            tag.session, request.prompt_token_ids, num_computed_tokens
+        )
+        if n == 0:
+            self._planned.pop(request.request_id, None)
+            return 0, False
+        # The hit is block aligned: the tail lands in the block at this index.
+        self._planned[request.request_id] = (src, n, num_computed_tokens // self.block_size)
+        # Synchronous load: the copy runs in start_load_kv of the same step,
+        # before the forward pass that reads it.
+        return n, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        plan = self._planned.pop(request.request_id, None)
+        if num_external_tokens == 0 or plan is None:
+            return
+        src, n, dst_index = plan
+        assert n == num_external_tokens, (n, num_external_tokens)
+        dst = blocks.get_block_ids()[0][dst_index]
+        self._step_copies.append((src, dst))
+        self._loaded[request.request_id] = n
+
+    def build_connector_meta(
+        self, scheduler_output: SchedulerOutput
+    ) -> KVConnectorMetadata:
+        meta = StatefulConnectorMetadata(copies=self._step_copies)
+        self._step_copies = []
+        return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._planned.pop(request.request_id, None)
+        loaded = self._loaded.pop(request.request_id, 0)
+        tag = _tag(request)
+        if tag is None or self.pins is None:
+            return False, None
+        if (
+            tag.op is Op.APPEND
+            and tag.session not in self._closed
+            and request.num_computed_tokens >= request.num_prompt_tokens
+        ):
+            self.pins.replace(tag.session, block_ids, request.prompt_token_ids)
+        return False, self._report(request, tag, loaded).to_params()
+
+    def _report(self, request: Request, tag: RequestTag, loaded: int) -> EngineReport:
+        assert self.pins is not None and self._kv_cache_manager is not None
+        pool = self.pins.pool
+        # Blocks this request alone holds become free right after this call.
+        own = self._kv_cache_manager.get_blocks(request.request_id).blocks[0]
+        freed = sum(1 for b in own if b.ref_cnt == 1 and not b.is_null)
+        pin = self.pins.pins.get(tag.session)
+        return EngineReport(
+            free_blocks=pool.get_num_free_blocks() + freed,
+            total_blocks=pool.num_gpu_blocks - 1,  # minus the null block
+            block_size=self.block_size,
+            pinned_blocks=self.pins.pinned_blocks,
+            session_pinned_tokens=len(pin.token_ids) if pin else 0,
+            tail_tokens_loaded=loaded,
+        )
+
+    # ------------------------------------------------------------------- worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # Every layer's cache has the block dimension first, so one index
+        # copies a whole block of K and V for that layer.
+        self._kv_caches = list(kv_caches.values())
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, StatefulConnectorMetadata)
+        for src, dst in meta.copies:
+            for cache in self._kv_caches:
+                cache[dst].copy_(cache[src])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return

@@ -1,0 +1,432 @@
+"""StatefulEngine: streaming sessions on top of vLLM's ``AsyncLLM``.
+
+Every append, query and control operation is an ordinary vLLM request whose
+prompt is the session's tokens (plus the question), salted per session and
+tagged in ``SamplingParams.extra_args`` (see ``protocol.py``). The engine-side
+connector pins each ingested version, so a query computes only its own tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind
+
+from vllm_stateful.budget import Budget
+from vllm_stateful.config import StatefulConfig, connector_config
+from vllm_stateful.errors import (
+    ContextLengthError,
+    InvalidInputError,
+    SessionClosedError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from vllm_stateful.protocol import EngineReport, Op, RequestTag
+from vllm_stateful.session import Session, SessionEvent, SessionStats
+
+Data = str | Sequence[int]
+CONSISTENCY = ("ingested", "latest")
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    text: str
+    token_ids: list[int]
+    version: int  # the session version the answer saw
+    prompt_tokens: int
+    computed_tokens: int  # prompt tokens the engine computed (vLLM's counter)
+    finish_reason: str | None
+    committed_version: int | None = None
+
+
+@dataclass(frozen=True)
+class QueryChunk:
+    """One streamed piece of an answer; the last one has ``finish_reason``."""
+
+    text: str
+    token_ids: list[int]
+    version: int
+    prompt_tokens: int
+    computed_tokens: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class EngineKVStats:
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    pinned_blocks: int
+
+
+def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
+    """``AsyncEngineArgs`` with the session connector and prefix caching on."""
+    kwargs.setdefault("enable_prefix_caching", True)
+    kwargs["kv_transfer_config"] = connector_config()
+    return AsyncEngineArgs(**kwargs)
+
+
+class StatefulEngine:
+    """Async session API over a running vLLM engine client.
+
+    Build it with :meth:`from_engine_args`, or wrap an existing ``AsyncLLM``
+    whose ``kv_transfer_config`` loads ``vllm_stateful.connector``.
+    """
+
+    def __init__(self, engine: Any, config: StatefulConfig | None = None):
+        self.engine = engine
+        self.config = config or StatefulConfig.from_env()
+        vcfg = engine.vllm_config
+        kv = vcfg.kv_transfer_config
+        if kv is None or kv.kv_connector != "StatefulConnector":
+            raise ValueError(
+                "the engine must load the session connector: build it with "
+                "vllm_stateful.stateful_engine_args(...)"
+            )
+        self.tokenizer = engine.get_tokenizer()
+        self.block_size: int = vcfg.cache_config.block_size
+        self.num_blocks: int = vcfg.cache_config.num_gpu_blocks
+        self.max_model_len: int = vcfg.model_config.max_model_len
+        self.vocab_size: int = vcfg.model_config.get_vocab_size()
+        limit = self.config.budget_tokens
+        if limit is None:
+            limit = int(self.config.budget_fraction * self.num_blocks) * self.block_size
+        self.budget = Budget(limit_tokens=limit, block_size=self.block_size)
+        self.sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task | None = None
+        # One token for control requests (close / probe); its block is never
+        # full, so it is never cached.
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        self._control_prompt = [bos if bos is not None else 0]
+
+    @classmethod
+    def from_engine_args(
+        cls, engine_args: AsyncEngineArgs, config: StatefulConfig | None = None
+    ) -> StatefulEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if engine_args.kv_transfer_config is None:
+            engine_args.kv_transfer_config = connector_config()
+        return cls(AsyncLLM.from_engine_args(engine_args), config)
+
+    def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        self.engine.shutdown()
+
+    # ----------------------------------------------------------------- sessions
+
+    async def create_session(
+        self,
+        prefix: Data = "",
+        session_id: str | None = None,
+        ttl_s: float | None = None,
+    ) -> Session:
+        """Open a session whose version 0 is ``prefix``; returns once the
+        prefix is ingested (pinned)."""
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise InvalidInputError("session_id must be a non-empty string")
+        session_id = session_id or uuid.uuid4().hex
+        if session_id in self.sessions:
+            raise SessionExistsError(f"session '{session_id}' already exists")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise InvalidInputError(f"too many sessions (max {self.config.max_sessions})")
+        if ttl_s is not None and ttl_s <= 0:
+            raise InvalidInputError("ttl_s must be positive")
+        if isinstance(prefix, str):
+            tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
+        else:
+            tokens = self._check_token_ids(prefix, allow_empty=True)
+        self._check_fits(session_id, len(tokens))
+        self.budget.check(self._pinned_by_others(None), len(tokens), session_id)
+        key = uuid.uuid4().hex
+        session = Session(
+            id=session_id,
+            key=key,
+            access_token=secrets.token_urlsafe(24),
+            tokens=tokens,
+            ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
+        )
+        self.sessions[session_id] = session
+        self._start_reaper()
+        self._kick(session)
+        await self.wait_ingested(session_id, 0)
+        return session
+
+    async def append(self, session_id: str, data: Data) -> int:
+        """Append text or token ids; returns the new version at once.
+
+        Ingestion runs in the background, in order; appends that arrive while
+        one is ingested are coalesced into the next engine request.
+        """
+        session = self._get(session_id)
+        token_ids = self._encode(data)
+        self._check_fits(session_id, len(session.tokens) + len(token_ids))
+        self.budget.check(
+            self._pinned_by_others(session_id), len(session.tokens) + len(token_ids), session_id
+        )
+        version = session.extend(token_ids)
+        session.touch()
+        self._kick(session)
+        return version
+
+    async def wait_ingested(
+        self, session_id: str, version: int | None = None, timeout: float | None = None
+    ) -> int:
+        """Wait until ``version`` (default: the latest) is ingested; returns
+        the ingested version."""
+        session = self._get(session_id)
+        target = session.version if version is None else version
+        if not 0 <= target <= session.version:
+            raise InvalidInputError(f"version {target} does not exist (latest {session.version})")
+
+        async def done() -> int:
+            async with session.changed:
+                await session.changed.wait_for(
+                    lambda: session.ingested_version >= target
+                    or session.closed
+                    or session.ingest_error is not None
+                )
+            if session.ingested_version >= target:
+                return session.ingested_version
+            if session.closed:
+                raise SessionClosedError(f"session '{session_id}' was {session.closed_reason}")
+            raise RuntimeError(f"ingestion failed: {session.ingest_error!r}")
+
+        return await asyncio.wait_for(done(), timeout)
+
+    async def close_session(self, session_id: str, reason: str = "closed") -> None:
+        """Close the session and release its pinned KV."""
+        session = self._get(session_id)
+        session.closed_reason = reason
+        del self.sessions[session_id]
+        if session.ingest_task is not None:
+            session.ingest_task.cancel()
+        # The connector releases the pin and refuses to pin this key again, so
+        # an append that finishes after this still leaves nothing behind.
+        await self._control(session.key, Op.CLOSE)
+        session.pinned_tokens = 0
+        async with session.changed:
+            session.changed.notify_all()
+        session.publish(SessionEvent("evicted" if reason != "closed" else "closed",
+                                     session.version, {"reason": reason}))
+
+    def get_session(self, session_id: str) -> SessionStats:
+        return self._get(session_id).stats()
+
+    def list_sessions(self) -> list[SessionStats]:
+        return [s.stats() for s in self.sessions.values()]
+
+    def subscribe(self, session_id: str) -> asyncio.Queue:
+        """A queue of this session's ``SessionEvent``s; ``unsubscribe`` it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._get(session_id).subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, session_id: str, queue: asyncio.Queue) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.subscribers.discard(queue)
+
+    async def kv_stats(self) -> EngineKVStats:
+        """Block-pool figures from the engine (a one-token probe request)."""
+        report = await self._control("probe-" + uuid.uuid4().hex, Op.PROBE)
+        return EngineKVStats(
+            report.free_blocks, report.total_blocks, report.block_size, report.pinned_blocks
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    async def query(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        consistency: str = "ingested",
+        commit: bool = False,
+    ) -> QueryResult:
+        """Answer ``prompt`` after the session's context. The session is not
+        changed unless ``commit`` is set, which appends question and answer."""
+        session, version, prompt_ids, params = await self._prepare_query(
+            session_id, prompt, sampling_params, consistency, RequestOutputKind.FINAL_ONLY
+        )
+        out = await self._final(session, prompt_ids, params, Op.QUERY)
+        completion = out.outputs[0]
+        committed = None
+        if commit:
+            committed = await self.append(
+                session_id, prompt_ids[session.lengths[version]:] + list(completion.token_ids)
+            )
+        return QueryResult(
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            version=version,
+            prompt_tokens=len(prompt_ids),
+            computed_tokens=len(prompt_ids) - (out.num_cached_tokens or 0),
+            finish_reason=completion.finish_reason,
+            committed_version=committed,
+        )
+
+    async def query_stream(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        consistency: str = "ingested",
+    ) -> AsyncIterator[QueryChunk]:
+        """Like :meth:`query`, yielding the answer as it is generated."""
+        session, version, prompt_ids, params = await self._prepare_query(
+            session_id, prompt, sampling_params, consistency, RequestOutputKind.DELTA
+        )
+        async for out in self._generate(session.key, prompt_ids, params, Op.QUERY):
+            completion = out.outputs[0]
+            yield QueryChunk(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                version=version,
+                prompt_tokens=len(prompt_ids),
+                computed_tokens=len(prompt_ids) - (out.num_cached_tokens or 0),
+                finish_reason=completion.finish_reason,
+            )
+
+    async def _prepare_query(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None,
+        consistency: str,
+        output_kind: RequestOutputKind,
+    ) -> tuple[Session, int, list[int], SamplingParams]:
+        session = self._get(session_id)
+        if consistency not in CONSISTENCY:
+            raise InvalidInputError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
+        question = self._encode(prompt)
+        target = session.version if consistency == "latest" else 0
+        if session.ingested_version < target:
+            await self.wait_ingested(session_id, target)
+        version = session.ingested_version
+        prompt_ids = session.tokens_at(version) + question
+        self._check_fits(session_id, len(prompt_ids))
+        params = (sampling_params or SamplingParams(temperature=0.0, max_tokens=16)).clone()
+        params.output_kind = output_kind
+        session.touch()
+        return session, version, prompt_ids, params
+
+    # ---------------------------------------------------------------- internals
+
+    def _get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(f"session '{session_id}' not found")
+        return session
+
+    def _encode(self, data: Data) -> list[int]:
+        if isinstance(data, str):
+            if not data:
+                raise InvalidInputError("text must not be empty")
+            return self.tokenizer.encode(data, add_special_tokens=False)
+        return self._check_token_ids(data, allow_empty=False)
+
+    def _check_token_ids(self, data: Any, allow_empty: bool) -> list[int]:
+        if not isinstance(data, (list, tuple)):
+            raise InvalidInputError("expected text (str) or a list of token ids")
+        if not data and not allow_empty:
+            raise InvalidInputError("token_ids must not be empty")
+        for t in data:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise InvalidInputError(
+                    f"invalid token id {t!r}: token ids are integers in [0, {self.vocab_size})"
+                )
+        return list(data)
+
+    def _check_fits(self, session_id: str, num_tokens: int) -> None:
+        # A request needs at least one free position to generate a token.
+        if num_tokens >= self.max_model_len:
+            raise ContextLengthError(
+                f"session '{session_id}' would hold {num_tokens} tokens; the model's "
+                f"context window (max_model_len) is {self.max_model_len}"
+            )
+
+    def _pinned_by_others(self, session_id: str | None) -> int:
+        return self.budget.used(
+            len(s.tokens) for s in self.sessions.values() if s.id != session_id
+        )
+
+    def _kick(self, session: Session) -> None:
+        if session.ingest_task is None or session.ingest_task.done():
+            session.ingest_task = asyncio.create_task(self._ingest_loop(session))
+
+    async def _ingest_loop(self, session: Session) -> None:
+        """Ingest the newest version until caught up; one request at a time
+        per session keeps the order, and taking the newest version coalesces
+        everything appended meanwhile."""
+        while not session.closed and session.ingested_version < session.version:
+            target = session.version
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            try:
+                out = await self._final(session, session.tokens_at(target), params, Op.APPEND)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # surfaced to waiters; the log is kept
+                session.ingest_error = exc
+                async with session.changed:
+                    session.changed.notify_all()
+                return
+            session.ingest_requests += 1
+            report = EngineReport.from_params(out.kv_transfer_params)
+            session.pinned_tokens = report.session_pinned_tokens if report else 0
+            session.ingest_error = None
+            session.ingested_version = target
+            async with session.changed:
+                session.changed.notify_all()
+            session.publish(SessionEvent("ingested", target, {"tokens": session.lengths[target]}))
+
+    async def _final(
+        self, session: Session, prompt_ids: list[int], params: SamplingParams, op: Op
+    ) -> RequestOutput:
+        final = None
+        async for out in self._generate(session.key, prompt_ids, params, op):
+            final = out
+        assert final is not None and final.finished
+        return final
+
+    def _generate(
+        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
+    ) -> AsyncIterator[RequestOutput]:
+        params.extra_args = {**(params.extra_args or {}), **RequestTag(key, op).to_extra_args()}
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key)
+        request_id = f"stateful-{op.value}-{uuid.uuid4().hex}"
+        return self.engine.generate(prompt, params, request_id)
+
+    async def _control(self, key: str, op: Op) -> EngineReport:
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        async for out in self._generate(key, list(self._control_prompt), params, op):
+            final = out
+        report = EngineReport.from_params(final.kv_transfer_params if final else None)
+        assert report is not None, "the session connector did not answer"
+        return report
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_expired())
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for session in [s for s in self.sessions.values() if s.expired(now)]:
+                await self.close_session(session.id, reason="expired")

@@ -1,0 +1,58 @@
+"""Typed errors of the session API.
+
+Every error leaves the session it names intact. ``http_status`` and ``code``
+give the HTTP mapping (OpenAI error format) the server uses.
+"""
+
+from __future__ import annotations
+
+
+class StatefulError(Exception):
+    """Base class of every error this package raises on bad input."""
+
+    http_status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(StatefulError):
+    """Empty or malformed input: empty text, bad token ids, bad parameters."""
+
+
+class SessionNotFoundError(StatefulError):
+    http_status = 404
+    code = "session_not_found"
+
+
+class SessionClosedError(StatefulError):
+    """The session existed but was closed, expired or evicted."""
+
+    http_status = 404
+    code = "session_closed"
+
+
+class SessionExistsError(StatefulError):
+    http_status = 409
+    code = "session_exists"
+
+
+class ContextLengthError(StatefulError):
+    """The session plus the new input would not fit in ``max_model_len``."""
+
+    http_status = 413
+    code = "context_length_exceeded"
+
+
+class BudgetExceededError(StatefulError):
+    """Pinning the session's KV would pass the session memory budget."""
+
+    http_status = 429
+    code = "session_budget_exceeded"
+
+
+class AccessDeniedError(StatefulError):
+    http_status = 403
+    code = "forbidden"

@@ -1,0 +1,68 @@
+"""The contract between the API-side session manager and the engine-side
+KV connector: what travels in ``SamplingParams.extra_args`` and what comes back
+in ``RequestOutput.kv_transfer_params``. Nothing else crosses the process
+boundary, so both halves import only this module from each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Key in SamplingParams.extra_args (request -> engine) and in
+# RequestOutput.kv_transfer_params (engine -> caller).
+KEY = "vllm_stateful"
+
+
+class Op(str, enum.Enum):
+    # Ingest the session's tokens and, when done, pin their KV blocks.
+    APPEND = "append"
+    # Read the session's KV; never changes the pin.
+    QUERY = "query"
+    # Release the session's pin (a one-token request carries it).
+    CLOSE = "close"
+    # Report block-pool figures only (a one-token request carries it).
+    PROBE = "probe"
+
+
+@dataclass(frozen=True)
+class RequestTag:
+    """Request metadata: which session a request belongs to and why."""
+
+    session: str
+    op: Op
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {KEY: {"session": self.session, "op": self.op.value}}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestTag | None:
+        raw = (extra_args or {}).get(KEY)
+        if raw is None:
+            return None
+        return cls(session=raw["session"], op=Op(raw["op"]))
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What the connector reports when a tagged request finishes.
+
+    ``free_blocks`` is the pool's free count *after* the finishing request's
+    own blocks are released, so it is comparable across reports.
+    """
+
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    pinned_blocks: int  # over all sessions
+    session_pinned_tokens: int  # this request's session
+    tail_tokens_loaded: int  # copied from the pinned partial block
+
+    def to_params(self) -> dict[str, Any]:
+        return {KEY: asdict(self)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> EngineReport | None:
+        raw = (params or {}).get(KEY)
+        return None if raw is None else cls(**raw)

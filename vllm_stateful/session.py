@@ -1,0 +1,106 @@
+"""A session: an append-only token log with versions, and its event fan-out.
+
+Version ``v`` is the log's first ``lengths[v]`` tokens. Version 0 is the
+prefix (with the tokenizer's BOS). ``ingested_version`` is the newest version
+whose KV the engine holds pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    type: str  # "ingested" | "closed" | "evicted" | "flash"
+    version: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    id: str
+    tokens: int
+    version: int
+    ingested_version: int
+    pending: int  # versions appended but not yet ingested
+    pinned_tokens: int
+    ingest_requests: int
+    created_at: float
+    expires_at: float | None
+
+
+@dataclass
+class Session:
+    id: str
+    # Unique per session instance (ids may be reused after close): the
+    # cache salt and the key the engine-side pin is filed under.
+    key: str
+    access_token: str
+    tokens: list[int]
+    ttl_s: float | None = None
+    lengths: list[int] = field(default_factory=list)
+    ingested_version: int = -1
+    pinned_tokens: int = 0
+    ingest_requests: int = 0
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    closed_reason: str | None = None
+    ingest_error: BaseException | None = None
+    ingest_task: asyncio.Task | None = None
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    subscribers: set[asyncio.Queue] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            self.lengths = [len(self.tokens)]
+
+    @property
+    def version(self) -> int:
+        return len(self.lengths) - 1
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    def tokens_at(self, version: int) -> list[int]:
+        return self.tokens[: self.lengths[version]]
+
+    def extend(self, token_ids: list[int]) -> int:
+        self.tokens.extend(token_ids)
+        self.lengths.append(len(self.tokens))
+        return self.version
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    @property
+    def expires_at(self) -> float | None:
+        if self.ttl_s is None:
+            return None
+        return time.time() + self.ttl_s - (time.monotonic() - self.last_used)
+
+    def expired(self, now: float) -> bool:
+        return self.ttl_s is not None and now - self.last_used > self.ttl_s
+
+    def publish(self, event: SessionEvent) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(event)
+
+    def stats(self) -> SessionStats:
+        return SessionStats(
+            id=self.id,
+            tokens=len(self.tokens),
+            version=self.version,
+            ingested_version=self.ingested_version,
+            pending=self.version - max(self.ingested_version, 0)
+            if self.ingested_version >= 0
+            else self.version + 1,
+            pinned_tokens=self.pinned_tokens,
+            ingest_requests=self.ingest_requests,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+        )

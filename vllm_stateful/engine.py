@@ -102,6 +102,8 @@ class StatefulEngine:
             limit = int(self.config.budget_fraction * self.num_blocks) * self.block_size
         self.budget = Budget(limit_tokens=limit, block_size=self.block_size)
         self.sessions: dict[str, Session] = {}
+        # Why recently closed sessions ended, so their ids get a clear error.
+        self._ended: dict[str, str] = {}
         self._reaper: asyncio.Task | None = None
         # One token for control requests (close / probe); its block is never
         # full, so it is never cached.
@@ -156,6 +158,7 @@ class StatefulEngine:
             tokens=tokens,
             ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
         )
+        self._ended.pop(session_id, None)
         self.sessions[session_id] = session
         self._start_reaper()
         self._kick(session)
@@ -209,6 +212,9 @@ class StatefulEngine:
         session = self._get(session_id)
         session.closed_reason = reason
         del self.sessions[session_id]
+        self._ended[session_id] = reason
+        if len(self._ended) > 10 * self.config.max_sessions:
+            self._ended.pop(next(iter(self._ended)))
         if session.ingest_task is not None:
             session.ingest_task.cancel()
         # The connector releases the pin and refuses to pin this key again, so
@@ -328,6 +334,10 @@ class StatefulEngine:
     def _get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
+            if session_id in self._ended:
+                raise SessionClosedError(
+                    f"session '{session_id}' is {self._ended[session_id]}"
+                )
             raise SessionNotFoundError(f"session '{session_id}' not found")
         return session
 
@@ -375,8 +385,9 @@ class StatefulEngine:
             target = session.version
             params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
             params.output_kind = RequestOutputKind.FINAL_ONLY
+            prompt_ids = session.tokens_at(target)
             try:
-                out = await self._final(session, session.tokens_at(target), params, Op.APPEND)
+                out = await self._final(session, prompt_ids, params, Op.APPEND)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # surfaced to waiters; the log is kept
@@ -385,6 +396,7 @@ class StatefulEngine:
                     session.changed.notify_all()
                 return
             session.ingest_requests += 1
+            session.ingest_computed_tokens += len(prompt_ids) - (out.num_cached_tokens or 0)
             report = EngineReport.from_params(out.kv_transfer_params)
             session.pinned_tokens = report.session_pinned_tokens if report else 0
             session.ingest_error = None

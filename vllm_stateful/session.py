@@ -29,6 +29,7 @@ class SessionStats:
     pending: int  # versions appended but not yet ingested
     pinned_tokens: int
     ingest_requests: int
+    ingest_computed_tokens: int  # prompt tokens the engine computed to ingest
     created_at: float
     expires_at: float | None
 
@@ -46,6 +47,7 @@ class Session:
     ingested_version: int = -1
     pinned_tokens: int = 0
     ingest_requests: int = 0
+    ingest_computed_tokens: int = 0
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     closed_reason: str | None = None
@@ -101,6 +103,7 @@ class Session:
             else self.version + 1,
             pinned_tokens=self.pinned_tokens,
             ingest_requests=self.ingest_requests,
+            ingest_computed_tokens=self.ingest_computed_tokens,
             created_at=self.created_at,
             expires_at=self.expires_at,
         )

@@ -1,0 +1,71 @@
+"""Shared fixtures: one stateful engine and one stock engine per test run.
+
+Both run the deterministic tiny model in float32 (token-exact comparisons
+need it; in bfloat16 a different prefill split can flip a greedy token in
+stock vLLM too). Block size 32 and 512 blocks keep sizes small and make
+appends cross block boundaries often.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest
+import pytest_asyncio
+
+BLOCK_SIZE = 32
+NUM_BLOCKS = 512
+MAX_MODEL_LEN = 8192
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from vllm_stateful.models import tiny_model
+
+    return tiny_model()
+
+
+def engine_kwargs(model: str) -> dict:
+    return dict(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks_override=NUM_BLOCKS,
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def stateful(tiny_model_path):
+    from vllm_stateful import StatefulConfig, StatefulEngine, stateful_engine_args
+
+    engine = StatefulEngine.from_engine_args(
+        stateful_engine_args(**engine_kwargs(tiny_model_path)),
+        StatefulConfig(budget_fraction=0.5),
+    )
+    yield engine
+    engine.shutdown()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine(stateful):
+    """The shared engine; every session a test leaves open is closed after it."""
+    yield stateful
+    for session_id in list(stateful.sessions):
+        await stateful.close_session(session_id)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def stock(tiny_model_path):
+    """Stock vLLM: no connector, no prefix caching. The reference."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(**engine_kwargs(tiny_model_path), enable_prefix_caching=False)
+    )
+    yield llm
+    llm.shutdown()

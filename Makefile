@@ -1,8 +1,8 @@
 # Two commands for users: `make demo` (serve/run the main job) and `make test`.
 # Each creates or reuses .venv and installs what it needs.
 
-# The one place vLLM's version is pinned.
-VLLM_VERSION := 0.32.0
+# vLLM's version is pinned in one place, vllm_stateful/version.py.
+VLLM_VERSION := $(shell sed -n 's/^VLLM_VERSION = "\(.*\)"/\1/p' vllm_stateful/version.py)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(VLLM_DIST)-$(VLLM_VERSION)
 
 .PHONY: install demo test bench clean-models
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile vllm_stateful/version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip wheel
 	$(PY) -m pip install -q "$(VLLM_DIST)==$(VLLM_VERSION)"

@@ -1,0 +1,55 @@
+"""HTTP client of the vllm-stateful session API, sync and async.
+
+    from vllm_stateful.client import Client
+
+    with Client("http://localhost:8000", api_key="...") as client:
+        s = client.create_session(prefix="ticks:\\n")
+        s.append("09:30:01 1651.25 3\\n", wait=True)
+        print(s.query(" last price?", max_tokens=8, temperature=0).text)
+        s.close()
+
+Errors are the typed exceptions of :mod:`vllm_stateful.errors` (and
+:mod:`vllm_stateful.server.errors` for credentials), carrying the server's
+message. Imports neither vLLM nor FastAPI.
+"""
+
+from vllm_stateful.client.aio import AsyncClient, AsyncSession
+from vllm_stateful.client.sync import Client, Session
+from vllm_stateful.errors import (
+    AccessDeniedError,
+    BudgetExceededError,
+    ContextLengthError,
+    InvalidInputError,
+    SessionClosedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StatefulError,
+)
+from vllm_stateful.server.errors import (
+    ApiKeyError,
+    ModelNotFoundError,
+    SessionsUnavailableError,
+    UnauthorizedError,
+)
+from vllm_stateful.server.schemas import Completion, SessionStats
+
+__all__ = [
+    "AccessDeniedError",
+    "ApiKeyError",
+    "AsyncClient",
+    "AsyncSession",
+    "BudgetExceededError",
+    "Client",
+    "Completion",
+    "ContextLengthError",
+    "InvalidInputError",
+    "ModelNotFoundError",
+    "Session",
+    "SessionClosedError",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "SessionStats",
+    "SessionsUnavailableError",
+    "StatefulError",
+    "UnauthorizedError",
+]

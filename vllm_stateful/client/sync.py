@@ -1,0 +1,154 @@
+"""Blocking client of the session API (``httpx.Client``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from vllm_stateful.client import _wire
+from vllm_stateful.server.schemas import (
+    AppendResponse,
+    Completion,
+    Consistency,
+    CreateSessionResponse,
+    SessionList,
+    SessionStats,
+)
+
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+class Client:
+    """``Client("http://localhost:8000", api_key=...)``; use as a context
+    manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        http: httpx.Client | None = None,
+    ):
+        self._http = http or httpx.Client(
+            base_url=base_url.rstrip("/"), headers=_wire.auth_headers(api_key), timeout=timeout
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connections (sessions stay open on the server)."""
+        self._http.close()
+
+    def _send(self, call: _wire.Call) -> Any:
+        r = self._http.request(
+            call.method, call.path, json=call.json, params=call.params, headers=call.headers()
+        )
+        _wire.raise_for(r.status_code, r.content)
+        return r.json()
+
+    def _stream(self, call: _wire.Call, read_timeout: float | None) -> Iterator[tuple[str, str]]:
+        timeout = httpx.Timeout(self._http.timeout.connect or 10.0, read=read_timeout)
+        with self._http.stream(
+            call.method, call.path, json=call.json, params=call.params,
+            headers=call.headers(), timeout=timeout,
+        ) as r:  # fmt: skip
+            if r.status_code >= 400:
+                _wire.raise_for(r.status_code, r.read())
+            parser = _wire.SSEParser()
+            for line in r.iter_lines():
+                if (msg := parser.feed(line)) is not None:
+                    yield msg
+
+    def create_session(
+        self, prefix: str | list[int] = "", session_id: str | None = None, ttl_s: float | None = None
+    ) -> Session:
+        """Open a session; returns once its prefix is ingested."""
+        out = CreateSessionResponse.model_validate(self._send(_wire.create_call(prefix, session_id, ttl_s)))
+        return Session(self, out.id, out.token)
+
+    def session(self, session_id: str, token: str) -> Session:
+        """A handle on an existing session (no request is made)."""
+        return Session(self, session_id, token)
+
+    def list_sessions(self, *tokens: str) -> list[SessionStats]:
+        """Stats of the sessions that ``tokens`` open."""
+        call = _wire.Call("GET", "/v1/sessions", token=",".join(tokens))
+        return SessionList.model_validate(self._send(call)).data
+
+
+class Session:
+    """One server-side session; every call sends its token."""
+
+    def __init__(self, client: Client, session_id: str, token: str):
+        self.client, self.id, self.token = client, session_id, token
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r})"
+
+    def append(self, data: str | list[int], wait: bool = False) -> int:
+        """Append text (tokenized without special tokens) or token ids;
+        returns the new version. ``wait``: return once it is ingested."""
+        out = self.client._send(_wire.append_call(self.id, self.token, data, wait))
+        return AppendResponse.model_validate(out).version
+
+    def query(
+        self,
+        prompt: str | list[int],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        consistency: Consistency = "ingested",
+        commit: bool = False,
+        **sampling: Any,
+    ) -> Completion:
+        """Answer ``prompt`` after the session's context (``.text`` is the
+        answer, ``.session.version`` the version it saw). Unset sampling
+        values take the server's defaults (``max_tokens`` 16)."""
+        call = _wire.query_call(
+            self.id, self.token, prompt, stream=False, max_tokens=max_tokens,
+            temperature=temperature, consistency=consistency, commit=commit, sampling=sampling,
+        )  # fmt: skip
+        return Completion.model_validate(self.client._send(call))
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        consistency: Consistency = "ingested",
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Like :meth:`query`, yielding text deltas as they are generated."""
+        call = _wire.query_call(
+            self.id, self.token, prompt, stream=True, max_tokens=max_tokens,
+            temperature=temperature, consistency=consistency, commit=False, sampling=sampling,
+        )  # fmt: skip
+        for _, data in self.client._stream(call, read_timeout=None):
+            delta = _wire.completion_delta(data)
+            if delta is None:
+                return
+            if delta:
+                yield delta
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Session events as dicts (``type``, ``session_id``, ``version``,
+        ``data``), until the session is closed or evicted."""
+        call = _wire.Call("GET", f"/v1/sessions/{self.id}/events", token=self.token)
+        for _, data in self.client._stream(call, read_timeout=None):
+            event = _wire.event_dict(data)
+            yield event
+            if event["type"] in _wire.FINAL_EVENTS:
+                return
+
+    def stats(self) -> SessionStats:
+        call = _wire.Call("GET", f"/v1/sessions/{self.id}", token=self.token)
+        return SessionStats.model_validate(self.client._send(call))
+
+    def close(self) -> None:
+        """Close the session on the server and free its KV."""
+        self.client._send(_wire.Call("DELETE", f"/v1/sessions/{self.id}", token=self.token))

@@ -1,0 +1,399 @@
+"""HTTP routes of the session API.
+
+Handlers read and validate their bodies themselves (not through FastAPI's
+parameter binding) so that every error, malformed JSON included, leaves in
+the OpenAI format of ``server/errors.py`` with its own status, and so that
+``/v1/completions`` can look for ``session_id`` before deciding whether the
+stock vLLM handler should have the request.
+
+Every handler validates everything before it calls the engine, and the
+engine refuses bad input before it changes a session: a rejected request
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from vllm_stateful.errors import InvalidInputError, StatefulError
+from vllm_stateful.server import openai_objects as objects
+from vllm_stateful.server.auth import authorize, opens, require_tokens
+from vllm_stateful.server.chat import render_chat
+from vllm_stateful.server.delegate import Delegate
+from vllm_stateful.server.errors import ModelNotFoundError, error_body, invalid_input
+from vllm_stateful.server.sampling import (
+    COMPLETION_MAX_TOKENS,
+    build_sampling_params,
+    resolve_max_tokens,
+)
+from vllm_stateful.server.schemas import (
+    AppendRequest,
+    AppendResponse,
+    CloseResponse,
+    CreateSessionRequest,
+    CreateSessionResponse,
+    SessionChatRequest,
+    SessionCompletionRequest,
+    SessionEvent,
+    SessionInfo,
+    SessionList,
+    SessionStats,
+    _SessionQuery,
+)
+from vllm_stateful.server.sse import DONE, FINAL_EVENTS, KEEPALIVE, data_line, event_block, with_keepalive
+from vllm_stateful.server.state import ServerState, server_state
+
+router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Disconnected(Exception):
+    """The client went away while its request was being answered."""
+
+
+def _json(model: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), status_code=status)
+
+
+def _error(exc: StatefulError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.http_status)
+
+
+def handles_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Typed errors to OpenAI-format responses.
+
+    ``ValueError`` from vLLM's own input checks (bad sampling values, a
+    prompt the engine refuses) is bad input too, as vLLM's handlers treat it.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await handler(*args, **kwargs)
+        except StatefulError as exc:
+            return _error(exc)
+        except _Disconnected:
+            return Response(status_code=499)
+        except ValueError as exc:
+            return _error(InvalidInputError(str(exc)))
+
+    return wrapper
+
+
+def _parse(raw: bytes, model: type[M], default: dict | None = None) -> M:
+    if not raw.strip() and default is not None:
+        obj: Any = default
+    else:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise InvalidInputError("the request body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidInputError("the request body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
+
+
+async def _body(request: Request, model: type[M], default: dict | None = None) -> M:
+    return _parse(await request.body(), model, default)
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it if the client disconnects first (so a dropped
+    query does not keep the engine busy). The body must have been read."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise _Disconnected()
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise InvalidInputError(f"query parameter '{name}' must be true or false, got {raw!r}")
+
+
+def _stats(st: ServerState, session_id: str) -> SessionStats:
+    return SessionStats(**dataclasses.asdict(st.engine.get_session(session_id)))
+
+
+# ------------------------------------------------------------------ sessions
+
+
+@router.post("/v1/sessions", status_code=201)
+@handles_errors
+async def create_session(request: Request) -> Response:
+    st = server_state(request)
+    body = await _body(request, CreateSessionRequest, default={})
+    # Not cancelled on disconnect: a session created for nobody would hold
+    # KV with no one holding its token.
+    session = await st.engine.create_session(body.prefix, body.session_id, body.ttl_s)
+    out = CreateSessionResponse(
+        id=session.id, token=session.access_token, tokens=len(session.tokens), version=session.version
+    )
+    return _json(out, 201)
+
+
+@router.get("/v1/sessions")
+@handles_errors
+async def list_sessions(request: Request) -> Response:
+    """Only the sessions that the caller's tokens open: ids are caller-chosen
+    names, and one tenant must not learn another's."""
+    st = server_state(request)
+    tokens = require_tokens(request)
+    ids = [s.id for s in list(st.engine.sessions.values()) if opens(s, tokens)]
+    return _json(SessionList(data=[_stats(st, i) for i in ids]))
+
+
+@router.get("/v1/sessions/{session_id}")
+@handles_errors
+async def get_session(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    return _json(_stats(st, session_id))
+
+
+@router.delete("/v1/sessions/{session_id}")
+@handles_errors
+async def close_session(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    await st.engine.close_session(session_id)
+    return _json(CloseResponse(id=session_id))
+
+
+@router.post("/v1/sessions/{session_id}/append", status_code=202)
+@handles_errors
+async def append(session_id: str, request: Request) -> Response:
+    """202 with the new version; ``?wait=true``: 200 once it is ingested."""
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    wait = _flag(request, "wait")
+    body = await _body(request, AppendRequest)
+    version = await st.engine.append(session_id, body.data)
+    if not wait:
+        return _json(AppendResponse(version=version), 202)
+    ingested = await _unless_disconnected(request, st.engine.wait_ingested(session_id, version))
+    return _json(AppendResponse(version=version, ingested_version=ingested))
+
+
+@router.get("/v1/sessions/{session_id}/events")
+@handles_errors
+async def events(session_id: str, request: Request) -> Response:
+    """SSE: ``ingested`` per ingested version (coalesced appends give one
+    event for the newest version), then ``closed`` or ``evicted`` last."""
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    # Subscribed before the response starts: a client that has the headers
+    # misses no later event.
+    queue = st.engine.subscribe(session_id)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield ": subscribed\n\n"
+            async for ev in with_keepalive(queue, st.keepalive_s):
+                if ev is None:
+                    yield KEEPALIVE
+                    continue
+                out = SessionEvent(type=ev.type, session_id=session_id, version=ev.version, data=ev.data)
+                yield event_block(ev.type, out)
+                if ev.type in FINAL_EVENTS:
+                    return
+        finally:
+            st.engine.unsubscribe(session_id, queue)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# --------------------------------------------------------------- completions
+
+
+@router.post("/v1/sessions/{session_id}/completions")
+@handles_errors
+async def session_completions(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    body = await _body(request, SessionCompletionRequest)
+    return await _answer(st, request, session_id, body)
+
+
+@router.post("/v1/sessions/{session_id}/chat/completions")
+@handles_errors
+async def session_chat(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    body = await _body(request, SessionChatRequest)
+    return await _answer(st, request, session_id, body)
+
+
+@router.post("/v1/completions")
+@handles_errors
+async def completions(request: Request) -> Response:
+    """vLLM's ``/v1/completions``, answered from a session when the body
+    names one (``extra_body={"session_id": ...}``)."""
+    return await _maybe_session(request, "/v1/completions", SessionCompletionRequest)
+
+
+@router.post("/v1/chat/completions")
+@handles_errors
+async def chat_completions(request: Request) -> Response:
+    return await _maybe_session(request, "/v1/chat/completions", SessionChatRequest)
+
+
+async def _maybe_session(request: Request, path: str, model: type[_SessionQuery]) -> Response:
+    raw = await request.body()
+    session_id = _session_id_of(raw)
+    if session_id is None:
+        route = request.app.state.stateful_stock_routes.get(path)
+        if route is None:  # the model has no such stock route either
+            raise InvalidInputError(f"{path} is not served by this model")
+        return Delegate(route, raw)
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    return await _answer(st, request, session_id, _parse(raw, model))
+
+
+def _session_id_of(raw: bytes) -> str | None:
+    """``session_id`` of a JSON body; None when absent, null, or the body is
+    not a JSON object (then the stock handler reports the problem)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("session_id") is None:
+        return None
+    sid = obj["session_id"]
+    if not isinstance(sid, str) or not sid:
+        raise InvalidInputError("session_id must be a non-empty string")
+    return sid
+
+
+async def _answer(st: ServerState, request: Request, session_id: str, body: _SessionQuery) -> Response:
+    if body.session_id is not None and body.session_id != session_id:
+        raise InvalidInputError(
+            f"session_id '{body.session_id}' in the body differs from '{session_id}' in the path"
+        )
+    model = _model_name(st, body.model)
+    engine = st.engine
+    chat = isinstance(body, SessionChatRequest)
+    if chat:
+        text = render_chat(
+            engine.tokenizer, st.model_config, st.chat_template, body.messages, body.chat_template_kwargs
+        )
+        question: str | list[int] = _tokenize(engine, text)
+    else:
+        question = body.prompt if isinstance(body.prompt, list) else _tokenize(engine, body.prompt)
+    if not question:
+        raise InvalidInputError("the question is empty after tokenization")
+    session = engine.sessions[session_id]
+    # The context the answer will see: the ingested version unless the
+    # request asks for the latest. Used to cap max_tokens; the engine checks
+    # the exact length again.
+    version = session.version if body.consistency == "latest" else max(session.ingested_version, 0)
+    prompt_len = session.lengths[version] + len(question)
+    max_tokens = resolve_max_tokens(
+        body.max_tokens,
+        prompt_len,
+        engine.max_model_len,
+        st.model_defaults.get("max_tokens"),
+        None if chat else COMPLETION_MAX_TOKENS,
+    )
+    params = build_sampling_params(body, max_tokens, st.model_defaults)
+
+    if body.stream:
+        return await _stream(st, request, session_id, body, question, params, model, chat)
+
+    result = await _unless_disconnected(
+        request, engine.query(session_id, question, params, body.consistency, body.commit)
+    )
+    info = SessionInfo(
+        id=session_id,
+        version=result.version,
+        computed_tokens=result.computed_tokens,
+        committed_version=result.committed_version,
+    )
+    build = objects.chat_completion if chat else objects.completion
+    return _json(build(model, info, result, body.return_token_ids))
+
+
+async def _stream(st, request, session_id, body, question, params, model, chat) -> Response:
+    stream = st.engine.query_stream(session_id, question, params, body.consistency)
+    # The first chunk is awaited before the response starts, so errors found
+    # while preparing the query (unknown version, context length) still get
+    # their status code instead of an error inside a 200 stream.
+    try:
+        first = await _unless_disconnected(request, stream.__anext__())
+    except BaseException:
+        await _close(stream)
+        raise
+    writer = objects.ChunkWriter(model, session_id, chat, body.return_token_ids)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def sse() -> AsyncIterator[str]:
+        try:
+            yield data_line(writer.chunk(first))
+            async for chunk in stream:
+                yield data_line(writer.chunk(chunk))
+            if include_usage:
+                yield data_line(writer.usage_chunk())
+        except StatefulError as exc:
+            yield data_line(error_body(exc))
+        finally:
+            await _close(stream)
+        yield DONE
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+async def _close(stream: Any) -> None:
+    try:
+        await stream.aclose()
+    except (RuntimeError, StopAsyncIteration):  # already finished or running
+        pass
+
+
+def _tokenize(engine: Any, text: str) -> list[int]:
+    # As the engine tokenizes appends and questions: no special tokens, so
+    # the question continues the session's token log.
+    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _model_name(st: ServerState, requested: str | None) -> str:
+    if requested is None:
+        return st.model_names[0]
+    if requested not in st.model_names:
+        raise ModelNotFoundError(f"The model `{requested}` does not exist.")
+    return requested

@@ -1,0 +1,361 @@
+"""Wire format of the session API: request and response bodies.
+
+Shared by the server and the client, so it imports only pydantic (never vLLM
+or FastAPI). Response shapes follow OpenAI's completion and chat completion
+objects, plus a ``session`` object saying which session version answered.
+
+Request bodies are strict (``extra="forbid"``): a misspelt field is a 400
+naming it, not a silently ignored option. OpenAI fields that sessions do not
+implement (``n > 1``, ``logprobs``, ``echo``, ...) are refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Consistency = Literal["ingested", "latest"]
+
+# Header that carries a session's access token on every session route.
+TOKEN_HEADER = "X-Session-Token"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    # Responses: a newer server may add fields; older clients must still parse.
+    model_config = ConfigDict(extra="allow")
+
+
+# ------------------------------------------------------------------ sessions
+
+
+class CreateSessionRequest(_Strict):
+    """``POST /v1/sessions``. ``prefix`` text is tokenized with the model's
+    special tokens (BOS); a list is taken as token ids verbatim."""
+
+    prefix: str | list[int] = ""
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    ttl_s: float | None = Field(default=None, gt=0)
+
+
+class CreateSessionResponse(_Open):
+    id: str
+    token: str  # send as X-Session-Token on every route of this session
+    tokens: int
+    version: int
+
+
+class SessionStats(_Open):
+    """``GET /v1/sessions/{id}``: the engine's view of one session."""
+
+    object: Literal["session"] = "session"
+    id: str
+    tokens: int
+    version: int
+    ingested_version: int
+    pending: int  # versions appended but not yet ingested
+    pinned_tokens: int
+    ingest_requests: int
+    created_at: float  # unix time
+    expires_at: float | None  # unix time; None: no TTL
+
+
+class SessionList(_Open):
+    object: Literal["list"] = "list"
+    data: list[SessionStats]
+
+
+class AppendRequest(_Strict):
+    """``POST /v1/sessions/{id}/append``: exactly one of ``text`` (tokenized
+    without special tokens) or ``token_ids``."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AppendRequest:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of 'text' or 'token_ids'")
+        return self
+
+    @property
+    def data(self) -> str | list[int]:
+        return self.text if self.text is not None else list(self.token_ids or [])
+
+
+class AppendResponse(_Open):
+    version: int
+    # Set when the request asked ``?wait=true``: the version now ingested.
+    ingested_version: int | None = None
+
+
+class CloseResponse(_Open):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+class SessionEvent(_Open):
+    """One server-sent event of ``GET /v1/sessions/{id}/events``."""
+
+    type: str  # "ingested" | "closed" | "evicted" (later: "flash")
+    session_id: str
+    version: int
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------- completions
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# Fields of OpenAI's completion / chat bodies that session answers do not
+# implement, with the value that means "not used". Anything else is refused
+# by name instead of being silently ignored.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class _SessionQuery(_Strict):
+    """Sampling and session fields shared by completions and chat."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extension: also return the generated token ids.
+    return_token_ids: bool = False
+    # Session fields.
+    session_id: str | None = None  # on /v1/completions and /v1/chat/completions
+    consistency: Consistency = "ingested"
+    commit: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, unused in _UNSUPPORTED.items():
+                if name in data and data[name] not in unused:
+                    raise ValueError(f"'{name}' is not supported on session requests")
+            data = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
+        return data
+
+    @model_validator(mode="after")
+    def _check_commit(self) -> _SessionQuery:
+        # Committing appends question + answer; with a stream the answer is
+        # already on the wire when the append could still be refused.
+        if self.commit and self.stream:
+            raise ValueError("'commit' cannot be combined with 'stream'")
+        return self
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The fields that map one to one onto ``vllm.SamplingParams``
+        (``max_tokens`` is resolved by the server against the context)."""
+        names = (
+            "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+            "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+            "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+        )  # fmt: skip
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+class SessionCompletionRequest(_SessionQuery):
+    """``POST /v1/sessions/{id}/completions`` (and ``/v1/completions`` with
+    ``session_id``): ``prompt`` is the question asked after the session's
+    context; text is tokenized without special tokens."""
+
+    prompt: str | list[int]
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
+        if len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_call_id, ...) are passed to the chat template.
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class SessionChatRequest(_SessionQuery):
+    """``POST /v1/chat/completions`` with ``session_id``: ``messages`` are
+    rendered with the model's chat template (``add_generation_prompt``) and
+    the text is asked after the session's context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> SessionChatRequest:
+        # OpenAI renamed max_tokens to max_completion_tokens for chat.
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("give 'max_tokens' or 'max_completion_tokens', not both")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class SessionInfo(_Open):
+    """Which session state answered a query."""
+
+    id: str
+    version: int  # the session version the answer saw
+    flash: bool = False  # answered from the flash cache (not yet implemented)
+    computed_tokens: int  # prompt tokens the engine computed for this answer
+    committed_version: int | None = None  # set when ``commit`` appended q+a
+
+
+class PromptTokensDetails(_Open):
+    cached_tokens: int = 0
+
+
+class Usage(_Open):
+    prompt_tokens: int  # session context + question
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionChoice(_Open):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class Completion(_Open):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    session: SessionInfo
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+class ChatMessageOut(_Open):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Open):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    session: SessionInfo
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content
+
+
+class ChatDelta(_Open):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Open):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(_Open):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    session: SessionInfo | None = None
+
+
+class CompletionChunk(_Open):
+    """One ``data:`` line of a streamed completion; ``text`` is a delta."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    session: SessionInfo | None = None
+
+
+# ------------------------------------------------------------------- errors
+
+
+class ErrorInfo(_Open):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Open):
+    error: ErrorInfo

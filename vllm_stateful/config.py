@@ -22,6 +22,11 @@ class StatefulConfig:
     # Idle time after which a session is closed; None keeps it until closed.
     default_ttl_s: float | None = None
     max_sessions: int = 1024
+    # Flash queries: caps per session and over all sessions, and how many
+    # evaluations may run together in idle time.
+    max_flash_per_session: int = 16
+    max_flash_total: int = 256
+    flash_concurrency: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction < 1.0:

@@ -24,11 +24,20 @@ from vllm.sampling_params import RequestOutputKind
 from vllm_stateful.budget import Budget
 from vllm_stateful.config import StatefulConfig, connector_config
 from vllm_stateful.errors import (
+    BudgetExceededError,
     ContextLengthError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
+)
+from vllm_stateful.flash import (
+    FlashQuery,
+    FlashResult,
+    FlashScheduler,
+    check_cacheable,
+    confidence,
+    params_key,
 )
 from vllm_stateful.protocol import EngineReport, Op, RequestTag
 from vllm_stateful.session import Session, SessionEvent, SessionStats
@@ -46,6 +55,8 @@ class QueryResult:
     computed_tokens: int  # prompt tokens the engine computed (vLLM's counter)
     finish_reason: str | None
     committed_version: int | None = None
+    flash: bool = False  # answered from a flash query's cache
+    computed_at: float | None = None  # when a flash answer was computed
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,12 @@ class StatefulEngine:
         # full, so it is never cached.
         bos = getattr(self.tokenizer, "bos_token_id", None)
         self._control_prompt = [bos if bos is not None else 0]
+        self._flash_inflight = 0
+        self.flash = FlashScheduler(
+            evaluate=self._evaluate_flash,
+            is_idle=self._engine_idle,
+            concurrency=self.config.flash_concurrency,
+        )
 
     @classmethod
     def from_engine_args(
@@ -123,6 +140,7 @@ class StatefulEngine:
     def shutdown(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        self.flash.stop()
         self.engine.shutdown()
 
     # ----------------------------------------------------------------- sessions
@@ -132,9 +150,11 @@ class StatefulEngine:
         prefix: Data = "",
         session_id: str | None = None,
         ttl_s: float | None = None,
+        flash: Sequence[dict[str, Any]] = (),
     ) -> Session:
         """Open a session whose version 0 is ``prefix``; returns once the
-        prefix is ingested (pinned)."""
+        prefix is ingested (pinned). ``flash`` holds keyword arguments for
+        :meth:`register_flash`, registered atomically with the session."""
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise InvalidInputError("session_id must be a non-empty string")
         session_id = session_id or uuid.uuid4().hex
@@ -150,6 +170,8 @@ class StatefulEngine:
             tokens = self._check_token_ids(prefix, allow_empty=True)
         self._check_fits(session_id, len(tokens))
         self.budget.check(self._pinned_by_others(None), len(tokens), session_id)
+        flash_queries = [self._flash_query(**spec) for spec in flash]
+        self._check_flash_room(len(flash_queries), 0)
         key = uuid.uuid4().hex
         session = Session(
             id=session_id,
@@ -158,6 +180,7 @@ class StatefulEngine:
             tokens=tokens,
             ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
         )
+        session.flash = {fq.id: fq for fq in flash_queries}
         self._ended.pop(session_id, None)
         self.sessions[session_id] = session
         self._start_reaper()
@@ -265,6 +288,18 @@ class StatefulEngine:
         session, version, prompt_ids, params = await self._prepare_query(
             session_id, prompt, sampling_params, consistency, RequestOutputKind.FINAL_ONLY
         )
+        hit = None if commit else self._flash_hit(session, prompt_ids[session.lengths[version]:], params, version)
+        if hit is not None:
+            return QueryResult(
+                text=hit.text,
+                token_ids=list(hit.token_ids),
+                version=hit.version,
+                prompt_tokens=len(prompt_ids),
+                computed_tokens=0,
+                finish_reason="flash",
+                flash=True,
+                computed_at=hit.computed_at,
+            )
         out = await self._final(session, prompt_ids, params, Op.QUERY)
         completion = out.outputs[0]
         committed = None
@@ -328,6 +363,135 @@ class StatefulEngine:
         params.output_kind = output_kind
         session.touch()
         return session, version, prompt_ids, params
+
+    # -------------------------------------------------------------------- flash
+
+    async def register_flash(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        flash_id: str | None = None,
+        only_changed: bool = False,
+    ) -> FlashQuery:
+        """Register a question to be answered after every ingested version.
+
+        Its answers are cached (see :meth:`query`) and pushed as ``flash``
+        events. Sampling must be deterministic (greedy, or seeded)."""
+        session = self._get(session_id)
+        fq = self._flash_query(prompt, sampling_params, flash_id, only_changed)
+        if fq.id in session.flash:
+            raise InvalidInputError(f"flash query '{fq.id}' already exists in session '{session_id}'")
+        self._check_flash_room(1, len(session.flash))
+        session.flash[fq.id] = fq
+        if session.ingested_version >= 0:
+            self.flash.notify(session, [fq.id])
+        return fq
+
+    def list_flash(self, session_id: str) -> list[tuple[FlashQuery, FlashResult | None]]:
+        session = self._get(session_id)
+        return [(fq, session.flash_results.get(fid)) for fid, fq in session.flash.items()]
+
+    def drop_flash(self, session_id: str, flash_id: str) -> None:
+        session = self._get(session_id)
+        if session.flash.pop(flash_id, None) is None:
+            raise InvalidInputError(f"no flash query '{flash_id}' in session '{session_id}'")
+        session.flash_results.pop(flash_id, None)
+        session.flash_dirty.discard(flash_id)
+
+    def _flash_query(
+        self,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        flash_id: str | None = None,
+        only_changed: bool = False,
+    ) -> FlashQuery:
+        params = sampling_params or SamplingParams(temperature=0.0, max_tokens=16)
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
+        check_cacheable(params)
+        if flash_id is not None and (not isinstance(flash_id, str) or not flash_id):
+            raise InvalidInputError("flash id must be a non-empty string")
+        return FlashQuery(
+            id=flash_id or uuid.uuid4().hex[:12],
+            prompt=prompt if isinstance(prompt, str) else list(prompt),
+            token_ids=self._encode(prompt),
+            params=params.clone(),
+            only_changed=bool(only_changed),
+        )
+
+    def _check_flash_room(self, adding: int, in_session: int) -> None:
+        cap = self.config.max_flash_per_session
+        if in_session + adding > cap:
+            raise BudgetExceededError(f"too many flash queries for one session (max {cap})")
+        total = sum(len(s.flash) for s in self.sessions.values())
+        if total + adding > self.config.max_flash_total:
+            raise BudgetExceededError(
+                f"too many flash queries on this server (max {self.config.max_flash_total})"
+            )
+
+    def _flash_hit(
+        self, session: Session, question: list[int], params: SamplingParams, version: int
+    ) -> FlashResult | None:
+        key = params_key(params)
+        for fid, fq in session.flash.items():
+            result = session.flash_results.get(fid)
+            if (
+                result is not None
+                and result.version == version
+                and fq.token_ids == question
+                and params_key(fq.params) == key
+            ):
+                return result
+        return None
+
+    def _engine_idle(self) -> bool:
+        # Counts every request of this API process, stateless OpenAI traffic
+        # included: flash work waits for all of it.
+        busy = self.engine.output_processor.get_num_unfinished_requests()
+        return busy <= self._flash_inflight
+
+    async def _evaluate_flash(self, session: Session, fq: FlashQuery) -> None:
+        version = session.ingested_version
+        prompt_ids = session.tokens_at(version) + fq.token_ids
+        if len(prompt_ids) >= self.max_model_len or session.closed:
+            return
+        params = fq.params.clone()
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params.logprobs = 0  # the sampled token's logprob, for the confidence
+        self._flash_inflight += 1
+        try:
+            out = await self._final(session, prompt_ids, params, Op.QUERY)
+        except Exception:
+            return  # the next version retries; foreground paths report errors
+        finally:
+            self._flash_inflight -= 1
+        completion = out.outputs[0]
+        previous = session.flash_results.get(fq.id)
+        # Evaluations may finish out of order; versions only move forward.
+        if session.closed or fq.id not in session.flash or (
+            previous is not None and previous.version >= version
+        ):
+            return
+        result = FlashResult(
+            flash_id=fq.id,
+            version=version,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            confidence=confidence(list(completion.token_ids), completion.logprobs),
+            computed_at=time.time(),
+            changed=previous is None or previous.text != completion.text,
+        )
+        session.flash_results[fq.id] = result
+        if result.changed or not fq.only_changed:
+            session.publish(SessionEvent("flash", version, {
+                "flash_id": fq.id,
+                "text": result.text,
+                "token_ids": result.token_ids,
+                "confidence": result.confidence,
+                "computed_at": result.computed_at,
+                "changed": result.changed,
+            }))
 
     # ---------------------------------------------------------------- internals
 
@@ -404,6 +568,7 @@ class StatefulEngine:
             async with session.changed:
                 session.changed.notify_all()
             session.publish(SessionEvent("ingested", target, {"tokens": session.lengths[target]}))
+            self.flash.notify(session)
 
     async def _final(
         self, session: Session, prompt_ids: list[int], params: SamplingParams, op: Op

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_stateful.flash import FlashQuery, FlashResult
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class Session:
     ingest_task: asyncio.Task | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     subscribers: set[asyncio.Queue] = field(default_factory=set)
+    flash: dict[str, FlashQuery] = field(default_factory=dict)
+    # The newest answer per flash query; versions only move forward.
+    flash_results: dict[str, FlashResult] = field(default_factory=dict)
+    flash_dirty: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.lengths:

@@ -1,0 +1,145 @@
+"""Flash queries: registered questions re-answered after every ingested
+version, in idle engine time, and pushed before anyone asks.
+
+Per (session, flash query) there is at most one pending evaluation, always on
+the newest ingested version when it starts: versions that arrive while it
+waits supersede older ones instead of queueing behind them. Sessions take
+turns (round robin), so many sessions share the idle time fairly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from vllm import SamplingParams
+
+from vllm_stateful.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from vllm_stateful.session import Session
+
+# The sampling settings that decide an answer: a query hits a flash query's
+# cache only if all of them are equal.
+_KEY_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
+    "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output",
+)
+
+
+def params_key(params: SamplingParams) -> tuple:
+    return tuple(
+        tuple(v) if isinstance(v, list) else v
+        for v in (getattr(params, name) for name in _KEY_FIELDS)
+    )
+
+
+def check_cacheable(params: SamplingParams) -> None:
+    """A cached answer must be the answer: sampling needs a seed."""
+    if params.temperature > 0 and params.seed is None:
+        raise InvalidInputError(
+            "flash queries need deterministic sampling: use temperature 0 "
+            "(greedy) or set a seed"
+        )
+    if params.n != 1:
+        raise InvalidInputError("flash queries produce one answer (n must be 1)")
+
+
+def confidence(token_ids: list[int], logprobs: Any) -> float:
+    """Geometric-mean probability of the answer's tokens, in [0, 1]: 1.0
+    when the model was certain of every token it produced."""
+    if not token_ids or not logprobs:
+        return 0.0
+    total = sum(step[tok].logprob for tok, step in zip(token_ids, logprobs))
+    return math.exp(total / len(token_ids))
+
+
+@dataclass(frozen=True)
+class FlashQuery:
+    id: str
+    prompt: str | list[int]  # as registered
+    token_ids: list[int]  # the question's tokens
+    params: SamplingParams
+    only_changed: bool = False  # push only answers that differ from the last
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    flash_id: str
+    version: int
+    text: str
+    token_ids: list[int]
+    confidence: float
+    computed_at: float  # wall clock, seconds
+    changed: bool  # text differs from the previous version's answer
+
+
+Evaluate = Callable[["Session", FlashQuery], Awaitable[None]]
+
+
+@dataclass
+class FlashScheduler:
+    """Runs flash evaluations when no foreground request is in flight."""
+
+    evaluate: Evaluate
+    is_idle: Callable[[], bool]
+    concurrency: int = 2
+    poll_s: float = 0.005
+    _ready: deque = field(default_factory=deque)  # sessions with dirty queries
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _running: set[asyncio.Task] = field(default_factory=set)
+    _task: asyncio.Task | None = None
+
+    def notify(self, session: Session, flash_ids: list[str] | None = None) -> None:
+        """Mark flash queries dirty (all of the session's by default)."""
+        ids = list(session.flash) if flash_ids is None else flash_ids
+        if not ids:
+            return
+        was_idle = not session.flash_dirty
+        session.flash_dirty.update(ids)
+        if was_idle:
+            self._ready.append(session)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+
+    def stop(self) -> None:
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Wait for idle engine time (foreground requests always go first)
+            # and for a free evaluation slot.
+            if len(self._running) >= self.concurrency or not self.is_idle():
+                await asyncio.sleep(self.poll_s)
+                continue
+            session = self._ready.popleft()
+            flash_id = self._next(session)
+            if flash_id is None:
+                continue
+            task = asyncio.create_task(self.evaluate(session, session.flash[flash_id]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _next(self, session: Session) -> str | None:
+        """Pop one dirty query of the session; requeue the session at the
+        back if it has more (round robin)."""
+        flash_id = None
+        while session.flash_dirty and flash_id is None:
+            candidate = min(session.flash_dirty)
+            session.flash_dirty.discard(candidate)
+            if not session.closed and candidate in session.flash:
+                flash_id = candidate
+        if session.flash_dirty:
+            self._ready.append(session)
+        return flash_id

@@ -24,6 +24,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from vllm.exceptions import VLLMClientError
 
 from vllm_stateful.errors import InvalidInputError, StatefulError
 from vllm_stateful.server import openai_objects as objects
@@ -72,8 +73,9 @@ def _error(exc: StatefulError) -> JSONResponse:
 def handles_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
     """Typed errors to OpenAI-format responses.
 
-    ``ValueError`` from vLLM's own input checks (bad sampling values, a
-    prompt the engine refuses) is bad input too, as vLLM's handlers treat it.
+    vLLM's client errors and ``ValueError`` from its input checks (bad
+    sampling values, a prompt the engine refuses) are bad input too, as
+    vLLM's own handlers treat them.
     """
 
     @functools.wraps(handler)
@@ -84,7 +86,7 @@ def handles_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[...,
             return _error(exc)
         except _Disconnected:
             return Response(status_code=499)
-        except ValueError as exc:
+        except (VLLMClientError, ValueError) as exc:
             return _error(InvalidInputError(str(exc)))
 
     return wrapper

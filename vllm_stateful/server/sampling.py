@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 
 from vllm_stateful.errors import ContextLengthError, InvalidInputError
 from vllm_stateful.server.schemas import _SessionQuery
@@ -48,5 +49,5 @@ def build_sampling_params(
     kwargs.update(body.sampling_kwargs())
     try:
         return SamplingParams.from_optional(max_tokens=max_tokens, **kwargs)
-    except (ValueError, TypeError) as exc:  # vLLM's own range checks
+    except (VLLMClientError, ValueError, TypeError) as exc:  # vLLM's own range checks
         raise InvalidInputError(str(exc)) from exc

@@ -83,3 +83,14 @@ async def test_query_does_not_change_session(engine):
     assert session.tokens == tokens and session.version == version
     # Token ids are taken verbatim (no BOS is added).
     assert engine.get_session(session.id).pinned_tokens == 40
+
+
+async def test_empty_session_then_appends(engine, stock):
+    session = await engine.create_session([])
+    assert session.tokens == [] and session.ingested_version == 0
+    first = await engine.query(session.id, [3, 4, 5], greedy())
+    assert first.token_ids == await reference(stock, [3, 4, 5])
+    await engine.append(session.id, [8] * 40)
+    result = await engine.query(session.id, [3, 4, 5], greedy(), consistency="latest")
+    assert result.computed_tokens == 3
+    assert result.token_ids == await reference(stock, [8] * 40 + [3, 4, 5])

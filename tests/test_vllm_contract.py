@@ -62,3 +62,13 @@ def test_request_and_output_fields():
     assert "kv_transfer_params" in out_params and "num_cached_tokens" in out_params
     for name in ("num_prompt_tokens", "prompt_token_ids", "num_computed_tokens", "sampling_params"):
         assert name in inspect.getsource(Request.__init__), name
+
+
+def test_async_llm_in_flight_counter():
+    # Flash work runs only when this counter says no other request is in
+    # flight (engine.StatefulEngine._engine_idle).
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    assert "self.output_processor = OutputProcessor(" in inspect.getsource(AsyncLLM.__init__)
+    assert callable(OutputProcessor.get_num_unfinished_requests)

@@ -550,6 +550,9 @@ class StatefulEngine:
             params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
             params.output_kind = RequestOutputKind.FINAL_ONLY
             prompt_ids = session.tokens_at(target)
+            if not prompt_ids:  # an empty session has nothing to compute or pin
+                await self._mark_ingested(session, target)
+                continue
             try:
                 out = await self._final(session, prompt_ids, params, Op.APPEND)
             except asyncio.CancelledError:
@@ -563,12 +566,15 @@ class StatefulEngine:
             session.ingest_computed_tokens += len(prompt_ids) - (out.num_cached_tokens or 0)
             report = EngineReport.from_params(out.kv_transfer_params)
             session.pinned_tokens = report.session_pinned_tokens if report else 0
-            session.ingest_error = None
-            session.ingested_version = target
-            async with session.changed:
-                session.changed.notify_all()
-            session.publish(SessionEvent("ingested", target, {"tokens": session.lengths[target]}))
-            self.flash.notify(session)
+            await self._mark_ingested(session, target)
+
+    async def _mark_ingested(self, session: Session, version: int) -> None:
+        session.ingest_error = None
+        session.ingested_version = version
+        async with session.changed:
+            session.changed.notify_all()
+        session.publish(SessionEvent("ingested", version, {"tokens": session.lengths[version]}))
+        self.flash.notify(session)
 
     async def _final(
         self, session: Session, prompt_ids: list[int], params: SamplingParams, op: Op

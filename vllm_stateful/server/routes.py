@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
-from vllm_stateful.errors import InvalidInputError, StatefulError
+from vllm_stateful.errors import InvalidInputError, SessionNotFoundError, StatefulError
 from vllm_stateful.server import openai_objects as objects
 from vllm_stateful.server.auth import authorize, opens, require_tokens
 from vllm_stateful.server.chat import render_chat
@@ -320,7 +320,9 @@ async def _answer(st: ServerState, request: Request, session_id: str, body: _Ses
         question = body.prompt if isinstance(body.prompt, list) else _tokenize(engine, body.prompt)
     if not question:
         raise InvalidInputError("the question is empty after tokenization")
-    session = engine.sessions[session_id]
+    session = engine.sessions.get(session_id)
+    if session is None:  # closed while the body was being read
+        raise SessionNotFoundError(f"session '{session_id}' not found")
     # The context the answer will see: the ingested version unless the
     # request asks for the latest. Used to cap max_tokens; the engine checks
     # the exact length again.
@@ -344,6 +346,7 @@ async def _answer(st: ServerState, request: Request, session_id: str, body: _Ses
     info = SessionInfo(
         id=session_id,
         version=result.version,
+        flash=getattr(result, "flash", False),
         computed_tokens=result.computed_tokens,
         committed_version=result.committed_version,
     )

@@ -77,7 +77,8 @@ def _ms(x: float | None) -> float | None:
 
 def _synthetic_ticks() -> Iterator[str]:
     for i in itertools.count():
-        yield f"09:{30 + i // 3600 % 30:02d}:{i // 60 % 60:02d}.{i % 1000:03d} {1651.25 + (i % 7) * 0.25:.2f} {1 + i % 9}\n"
+        clock = f"09:{30 + i // 3600 % 30:02d}:{i // 60 % 60:02d}.{i % 1000:03d}"
+        yield f"{clock} {1651.25 + (i % 7) * 0.25:.2f} {1 + i % 9}\n"
 
 
 def tick_text(tokenizer, n_tokens: int) -> list[str]:
@@ -132,7 +133,9 @@ async def run(args: argparse.Namespace) -> dict:
         tasks = await engine_client.get_supported_tasks()
         app = build_app(sargs, tasks, engine_client.model_config)
         await init_app_state(engine_client, app.state, sargs, tasks)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
         serving = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
@@ -157,7 +160,12 @@ async def measure(args, engine, base: str, SamplingParams, httpx) -> dict:
         return tok.encode(QUESTION.format(n=next(numbers)), add_special_tokens=False)
 
     def body() -> dict:
-        return {"prompt": question(), "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+        return {
+            "prompt": question(),
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     headers = {"X-Session-Token": session.access_token}
@@ -183,7 +191,9 @@ async def measure(args, engine, base: str, SamplingParams, httpx) -> dict:
 
         async def over_http() -> None:
             t0 = time.perf_counter()
-            r = await client.post(f"/v1/sessions/{session.id}/completions", json=body(), headers=headers)
+            r = await client.post(
+                f"/v1/sessions/{session.id}/completions", json=body(), headers=headers
+            )
             http.e2e_s.append(time.perf_counter() - t0)
             assert r.status_code == 200, r.text
             http.computed.append(r.json()["session"]["computed_tokens"])
@@ -213,12 +223,16 @@ async def measure(args, engine, base: str, SamplingParams, httpx) -> dict:
             s.e2e_s.clear(), s.ttft_s.clear(), s.computed.clear()
         for rep in range(args.reps):
             # Rotate the order so no path always runs right after another.
-            for step in rounds[rep % len(rounds):] + rounds[: rep % len(rounds)]:
+            for step in rounds[rep % len(rounds) :] + rounds[: rep % len(rounds)]:
                 await step()
 
     await engine.close_session(session.id)
     series = [lib, http, lib_stream, http_stream, stateless]
-    out = {"context_tokens": context, "question_tokens": len(question()), "series": [s.summary() for s in series]}
+    out = {
+        "context_tokens": context,
+        "question_tokens": len(question()),
+        "series": [s.summary() for s in series],
+    }
     lp, hp = lib.summary()["e2e_p50_ms"], http.summary()["e2e_p50_ms"]
     out["http_overhead_p50_ms"] = round(hp - lp, 2)
     return out
@@ -232,12 +246,16 @@ def table(result: dict) -> str:
     for s in result["series"]:
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         comp = "-" if s["computed_tokens_p50"] is None else f"{s['computed_tokens_p50']:.0f}"
-        rows.append(f"| {s['name']} | {fmt(s['e2e_p50_ms'])} | {fmt(s['e2e_p90_ms'])} | {fmt(s['ttft_p50_ms'])} | {comp} |")
+        rows.append(
+            f"| {s['name']} | {fmt(s['e2e_p50_ms'])} | {fmt(s['e2e_p90_ms'])} | {fmt(s['ttft_p50_ms'])} | {comp} |"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="tiny", help="'tiny', 'smollm2' or a model folder")
     ap.add_argument("--dtype", default=None, help="default: float32 for tiny, bfloat16 otherwise")
     ap.add_argument("--context", type=int, default=1000, help="session context in tokens")
@@ -246,8 +264,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--num-blocks", type=int, default=1024)
-    ap.add_argument("--compile", dest="eager", action="store_false", help="use torch.compile (slow start)")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/http_overhead-<time>.json)")
+    ap.add_argument(
+        "--compile", dest="eager", action="store_false", help="use torch.compile (slow start)"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: benchmarks/results/http_overhead-<time>.json)",
+    )
     args = ap.parse_args()
 
     from vllm_stateful.cli import enable_plugin
@@ -280,8 +304,14 @@ def main() -> None:
         f"{args.max_tokens} greedy tokens, {args.reps} reps, vLLM {vllm.__version__} CPU, {os.cpu_count()} cores\n"
     )
     print(table(result))
-    print(f"\nHTTP overhead over the library call (e2e p50): {result['http_overhead_p50_ms']:.1f} ms")
-    out = Path(args.out) if args.out else RESULTS / f"http_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    print(
+        f"\nHTTP overhead over the library call (e2e p50): {result['http_overhead_p50_ms']:.1f} ms"
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"http_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")

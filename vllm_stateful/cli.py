@@ -89,8 +89,7 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
         args.kv_transfer_config = KVTransferConfig(**ours)
     if args.enable_prefix_caching is False:
         raise UsageError(
-            "--no-enable-prefix-caching: sessions are served from the prefix cache; "
-            "drop the flag"
+            "--no-enable-prefix-caching: sessions are served from the prefix cache; drop the flag"
         )
     args.enable_prefix_caching = True
     # vLLM would default the API server count to the data-parallel size.
@@ -107,8 +106,7 @@ def _parser(prog: str):
         prog=prog,
         usage=f"{prog} [model_tag] [options]",
         description="vLLM's OpenAI-compatible server with stateful sessions "
-        "(/v1/sessions; session_id on /v1/completions and /v1/chat/completions).\n\n"
-        + DESCRIPTION,
+        "(/v1/sessions; session_id on /v1/completions and /v1/chat/completions).\n\n" + DESCRIPTION,
     )
     return make_arg_parser(parser)
 

@@ -77,10 +77,14 @@ def server(tiny_model_path: str) -> Iterator[Server]:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_STATEFUL_BUDGET_TOKENS": str(BUDGET_TOKENS),
     }
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-stateful-serve-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(
+        "w+", prefix="vllm-stateful-serve-", suffix=".log", delete=False
+    )
     # Own process group: teardown stops the API server and the engine core
     # it spawned, and nothing else.
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -93,7 +97,9 @@ def server(tiny_model_path: str) -> Iterator[Server]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log.name)}")
+                raise RuntimeError(
+                    f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log.name)}"
+                )
             time.sleep(0.5)
         yield Server(base_url=base, api_key=api_key, model=tiny_model_path)
     finally:

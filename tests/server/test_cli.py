@@ -35,7 +35,10 @@ def test_prepare_sets_connector_prefix_caching_and_model(parse):
     assert args.kv_transfer_config.kv_role == "kv_both"
     assert args.enable_prefix_caching is True and args.api_server_count == 1
     same = '{"kv_connector": "StatefulConnector", "kv_connector_module_path": "vllm_stateful.connector", "kv_role": "kv_both"}'
-    assert prepare_args(parse("m", "--kv-transfer-config", same)).kv_transfer_config.kv_connector == "StatefulConnector"
+    assert (
+        prepare_args(parse("m", "--kv-transfer-config", same)).kv_transfer_config.kv_connector
+        == "StatefulConnector"
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,7 +46,14 @@ def test_prepare_sets_connector_prefix_caching_and_model(parse):
     [
         (["m", "--api-server-count", "2"], "one API server"),
         (["m", "-asc", "4"], "one API server"),
-        (["m", "--kv-transfer-config", '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}'], "LMCacheConnectorV1"),
+        (
+            [
+                "m",
+                "--kv-transfer-config",
+                '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}',
+            ],
+            "LMCacheConnectorV1",
+        ),
         (["m", "--no-enable-prefix-caching"], "prefix cache"),
         (["m", "--data-parallel-size", "2"], "one engine core"),
         (["m", "--headless"], "no API server"),

@@ -34,7 +34,12 @@ def market(http: httpx.Client, open_session):
     """A session holding PREFIX + APPENDS, all ingested, and its token ids."""
     s = open_session(PREFIX)
     for text in APPENDS:
-        r = http.post(f"/v1/sessions/{s.id}/append", params={"wait": "true"}, json={"text": text}, headers=s.headers)
+        r = http.post(
+            f"/v1/sessions/{s.id}/append",
+            params={"wait": "true"},
+            json={"text": text},
+            headers=s.headers,
+        )
         assert r.status_code == 200, r.text
     context = tokenize(http, PREFIX, special=True)
     for text in APPENDS:
@@ -66,7 +71,9 @@ def test_openai_client_session_query_equals_stateless(server, http, openai_clien
     assert extra["session"]["computed_tokens"] == len(question)
     assert extra["session"]["version"] == len(APPENDS)
     assert extra["session"]["flash"] is False
-    assert answer.usage.prompt_tokens == len(context) + len(question) == stateless.usage.prompt_tokens
+    assert (
+        answer.usage.prompt_tokens == len(context) + len(question) == stateless.usage.prompt_tokens
+    )
     assert answer.usage.prompt_tokens_details.cached_tokens == len(context)
     assert answer.usage.completion_tokens == GREEDY["max_tokens"]
 
@@ -148,7 +155,9 @@ def test_chat_with_session(server, http, openai_client, market):
         extra_body={"session_id": s.id, **EXACT}, extra_headers=s.headers,
     ))  # fmt: skip
     assert deltas[0].choices[0].delta.role == "assistant"
-    assert "".join(d.choices[0].delta.content or "" for d in deltas) == chat.choices[0].message.content
+    assert (
+        "".join(d.choices[0].delta.content or "" for d in deltas) == chat.choices[0].message.content
+    )
 
 
 def test_commit_appends_question_and_answer(http, market):
@@ -179,12 +188,17 @@ def test_consistency_latest_sees_the_newest_append(http, open_session):
 
 def test_stateless_traffic_is_unchanged(server, http, openai_client):
     """Without session_id the stock vLLM handlers answer, in their format."""
-    out = openai_client.completions.create(model=server.model, prompt="Hello", max_tokens=4, temperature=0)
+    out = openai_client.completions.create(
+        model=server.model, prompt="Hello", max_tokens=4, temperature=0
+    )
     assert out.object == "text_completion" and out.usage.completion_tokens == 4
     assert "session" not in out.model_dump()
     assert out.system_fingerprint and out.system_fingerprint.startswith("vllm")
     chat = openai_client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        model=server.model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
     )
     assert chat.object == "chat.completion" and chat.usage.completion_tokens == 3
     chunks = list(openai_client.completions.create(

@@ -28,9 +28,14 @@ def test_sync_client(server: Server):
         try:
             assert s.append("09:30:01 1651.50 2\n", wait=True) == 1
             assert s.append([5, 6, 7]) == 2
-            answer = s.query(" last?", max_tokens=6, temperature=0, ignore_eos=True, consistency="latest")
+            answer = s.query(
+                " last?", max_tokens=6, temperature=0, ignore_eos=True, consistency="latest"
+            )
             assert answer.session.version == 2 and answer.usage.completion_tokens == 6
-            assert "".join(s.stream(" last?", max_tokens=6, temperature=0, ignore_eos=True)) == answer.text
+            assert (
+                "".join(s.stream(" last?", max_tokens=6, temperature=0, ignore_eos=True))
+                == answer.text
+            )
             stats = s.stats()
             assert (stats.version, stats.ingested_version, stats.pending) == (2, 2, 0)
             assert [x.id for x in client.list_sessions(s.token)] == ["client-sync"]
@@ -60,8 +65,13 @@ async def test_async_client(server: Server):
         try:
             assert await s.append("hello", wait=True) == 1
             answer = await s.query([9, 10], max_tokens=5, temperature=0, ignore_eos=True)
-            assert answer.session.computed_tokens == 2 and answer.usage.prompt_tokens_details.cached_tokens > 0
-            deltas = [d async for d in s.stream([9, 10], max_tokens=5, temperature=0, ignore_eos=True)]
+            assert (
+                answer.session.computed_tokens == 2
+                and answer.usage.prompt_tokens_details.cached_tokens > 0
+            )
+            deltas = [
+                d async for d in s.stream([9, 10], max_tokens=5, temperature=0, ignore_eos=True)
+            ]
             assert "".join(deltas) == answer.text
             committed = await s.query([9], max_tokens=3, temperature=0, commit=True)
             assert committed.session.committed_version == 2

@@ -28,7 +28,9 @@ def _snapshot(http: httpx.Client, s: Opened) -> tuple[int, int]:
 
 
 def _still_answers(http: httpx.Client, s: Opened) -> None:
-    r = http.post(f"/v1/sessions/{s.id}/completions", headers=s.headers, json={"prompt": [5], "max_tokens": 2})
+    r = http.post(
+        f"/v1/sessions/{s.id}/completions", headers=s.headers, json={"prompt": [5], "max_tokens": 2}
+    )
     assert r.status_code == 200, r.text
 
 
@@ -37,6 +39,7 @@ def _cases(server: Server, s: Opened, other: Opened):
     base = f"/v1/sessions/{s.id}"
     h = s.headers
     q = {"prompt": "hi", "max_tokens": 2}
+    # fmt: off
     return [
         # 400: malformed or unsupported
         ("POST", f"{base}/append", b"{not json", h, 400, "invalid_request"),
@@ -86,6 +89,7 @@ def _cases(server: Server, s: Opened, other: Opened):
         ("POST", f"{base}/append", {"token_ids": [5] * (BUDGET_TOKENS + 64)}, h, 429, "session_budget_exceeded"),
         ("POST", "/v1/sessions", {"prefix": [5] * (BUDGET_TOKENS + 64)}, {}, 429, "session_budget_exceeded"),
     ]
+    # fmt: on
 
 
 def test_errors_have_status_and_openai_body_and_change_nothing(server, http, open_session):
@@ -94,13 +98,17 @@ def test_errors_have_status_and_openai_body_and_change_nothing(server, http, ope
     before = _snapshot(http, s)
     sessions_before = {x.id for x in [s, other]}
     for method, path, body, headers, status, code in _cases(server, s, other):
-        kw = {"content": body, "headers": {**headers, "content-type": "application/json"}} if isinstance(
-            body, bytes
-        ) else {"json": body, "headers": headers}
+        kw = (
+            {"content": body, "headers": {**headers, "content-type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body, "headers": headers}
+        )
         r = http.request(method, path, **kw)
         _assert_error(r, status, code)
         assert _snapshot(http, s) == before, (method, path, status)
-    listed = http.get("/v1/sessions", headers={"X-Session-Token": f"{s.token},{other.token}"}).json()
+    listed = http.get(
+        "/v1/sessions", headers={"X-Session-Token": f"{s.token},{other.token}"}
+    ).json()
     assert {x["id"] for x in listed["data"]} == sessions_before
     _still_answers(http, s)
 
@@ -128,7 +136,11 @@ def test_other_sessions_token_is_refused_on_every_route(http, open_session):
         ("GET", f"{base}/events", None),
         ("DELETE", base, None),
         ("POST", "/v1/completions", {"session_id": a.id, "prompt": "x"}),
-        ("POST", "/v1/chat/completions", {"session_id": a.id, "messages": [{"role": "user", "content": "x"}]}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"session_id": a.id, "messages": [{"role": "user", "content": "x"}]},
+        ),
     ]
     before = _snapshot(http, a)
     for method, path, body in routes:
@@ -154,14 +166,20 @@ def test_api_key_guards_session_routes(server: Server, open_session):
             ("DELETE", f"/v1/sessions/{s.id}"),
             ("POST", "/v1/completions"),
         ]:
-            r = anon.request(method, path, json={"prompt": "x", "session_id": s.id}, headers=s.headers)
+            r = anon.request(
+                method, path, json={"prompt": "x", "session_id": s.id}, headers=s.headers
+            )
             assert r.status_code == 401, (method, path, r.text)
 
 
 def test_closed_session_is_gone(http, open_session):
     s = open_session("short-lived", session_id="closing")
     r = http.delete(f"/v1/sessions/{s.id}", headers=s.headers)
-    assert r.status_code == 200 and r.json() == {"id": s.id, "object": "session.deleted", "deleted": True}
+    assert r.status_code == 200 and r.json() == {
+        "id": s.id,
+        "object": "session.deleted",
+        "deleted": True,
+    }
     _assert_error(http.get(f"/v1/sessions/{s.id}", headers=s.headers), 404, "session_not_found")
     # The id can be taken again, and the old token does not open the new one.
     t = open_session("again", session_id="closing")

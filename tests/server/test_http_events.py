@@ -24,10 +24,16 @@ async def test_events_arrive_in_version_order_for_a_burst_of_appends(server: Ser
             assert stream.headers["content-type"].startswith("text/event-stream")
             versions = []
             for i in range(8):  # a burst: no waiting between appends
-                r = await http.post(f"/v1/sessions/{sid}/append", json={"token_ids": [10 + i] * (5 + 13 * i)}, headers=headers)
+                r = await http.post(
+                    f"/v1/sessions/{sid}/append",
+                    json={"token_ids": [10 + i] * (5 + 13 * i)},
+                    headers=headers,
+                )
                 versions.append(r.json()["version"])
             assert versions == list(range(1, 9))
-            r = await http.post(f"/v1/sessions/{sid}/append?wait=true", json={"token_ids": [99]}, headers=headers)
+            r = await http.post(
+                f"/v1/sessions/{sid}/append?wait=true", json={"token_ids": [99]}, headers=headers
+            )
             assert r.json() == {"version": 9, "ingested_version": 9}
             assert (await http.delete(f"/v1/sessions/{sid}", headers=headers)).status_code == 200
 
@@ -47,7 +53,12 @@ async def test_events_arrive_in_version_order_for_a_burst_of_appends(server: Ser
     ingested = [body["version"] for name, body in events if name == "ingested"]
     # Coalescing may skip versions, never reorders them; the last is there.
     assert ingested == sorted(set(ingested)) and ingested[-1] == 9
-    assert events[-1][1] == {"type": "closed", "session_id": sid, "version": 9, "data": {"reason": "closed"}}
+    assert events[-1][1] == {
+        "type": "closed",
+        "session_id": sid,
+        "version": 9,
+        "data": {"reason": "closed"},
+    }
 
 
 async def test_client_events_iterator(server: Server):

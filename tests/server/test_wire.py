@@ -7,9 +7,23 @@ import pytest
 from pydantic import ValidationError
 
 from vllm_stateful.client._wire import SSEParser, completion_delta
-from vllm_stateful.errors import BudgetExceededError, ContextLengthError, InvalidInputError, SessionNotFoundError
-from vllm_stateful.server.errors import ApiKeyError, error_body, error_from_body, invalid_input
-from vllm_stateful.server.schemas import AppendRequest, SessionChatRequest, SessionCompletionRequest
+from vllm_stateful.errors import (
+    BudgetExceededError,
+    ContextLengthError,
+    InvalidInputError,
+    SessionNotFoundError,
+)
+from vllm_stateful.server.errors import (
+    ApiKeyError,
+    error_body,
+    error_from_body,
+    invalid_input,
+)
+from vllm_stateful.server.schemas import (
+    AppendRequest,
+    SessionChatRequest,
+    SessionCompletionRequest,
+)
 
 
 def test_error_round_trip():
@@ -29,7 +43,9 @@ def test_error_round_trip():
 
 def test_foreign_error_bodies_map_by_status():
     assert type(error_from_body(401, {"error": "Unauthorized"})) is ApiKeyError
-    vllm_style = {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}
+    vllm_style = {
+        "error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}
+    }
     err = error_from_body(400, vllm_style)
     assert type(err) is InvalidInputError and err.message == "bad"
     assert type(error_from_body(404, None)) is SessionNotFoundError
@@ -45,7 +61,10 @@ def test_validation_errors_name_the_field():
     with pytest.raises(ValidationError, match="'n' is not supported"):
         SessionCompletionRequest.model_validate({"prompt": "x", "n": 3})
     # Values that mean "not used" are accepted (clients send them by default).
-    assert SessionCompletionRequest.model_validate({"prompt": "x", "n": 1, "echo": False}).prompt == "x"
+    assert (
+        SessionCompletionRequest.model_validate({"prompt": "x", "n": 1, "echo": False}).prompt
+        == "x"
+    )
     with pytest.raises(ValidationError, match="exactly one"):
         AppendRequest.model_validate({"text": "a", "token_ids": [1]})
     chat = SessionChatRequest.model_validate(
@@ -58,7 +77,10 @@ def test_validation_errors_name_the_field():
 def test_sse_parser():
     p = SSEParser()
     lines = [": keep-alive", "", "event: ingested", 'data: {"v": 1}', "", "data: [DONE]", ""]
-    assert [m for line in lines if (m := p.feed(line))] == [("ingested", '{"v": 1}'), ("message", "[DONE]")]
+    assert [m for line in lines if (m := p.feed(line))] == [
+        ("ingested", '{"v": 1}'),
+        ("message", "[DONE]"),
+    ]
     assert completion_delta('{"choices": [{"text": "hi"}]}') == "hi"
     assert completion_delta("[DONE]") is None
     with pytest.raises(ContextLengthError, match="too long"):

@@ -7,11 +7,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_stateful.errors import StatefulError
 from pydantic import ValidationError
 
+from vllm_stateful.errors import StatefulError
 from vllm_stateful.server.errors import ERRORS_BY_CODE, error_from_body, invalid_input
-from vllm_stateful.server.schemas import TOKEN_HEADER, Consistency, SessionCompletionRequest
+from vllm_stateful.server.schemas import (
+    TOKEN_HEADER,
+    Consistency,
+    SessionCompletionRequest,
+)
 
 
 @dataclass(frozen=True)

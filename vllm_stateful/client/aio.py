@@ -51,7 +51,9 @@ class AsyncClient:
         _wire.raise_for(r.status_code, r.content)
         return r.json()
 
-    async def _stream(self, call: _wire.Call, read_timeout: float | None) -> AsyncIterator[tuple[str, str]]:
+    async def _stream(
+        self, call: _wire.Call, read_timeout: float | None
+    ) -> AsyncIterator[tuple[str, str]]:
         timeout = httpx.Timeout(self._http.timeout.connect or 10.0, read=read_timeout)
         async with self._http.stream(
             call.method, call.path, json=call.json, params=call.params,
@@ -65,7 +67,10 @@ class AsyncClient:
                     yield msg
 
     async def create_session(
-        self, prefix: str | list[int] = "", session_id: str | None = None, ttl_s: float | None = None
+        self,
+        prefix: str | list[int] = "",
+        session_id: str | None = None,
+        ttl_s: float | None = None,
     ) -> AsyncSession:
         """Open a session; returns once its prefix is ingested."""
         out = await self._send(_wire.create_call(prefix, session_id, ttl_s))

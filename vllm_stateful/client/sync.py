@@ -66,10 +66,15 @@ class Client:
                     yield msg
 
     def create_session(
-        self, prefix: str | list[int] = "", session_id: str | None = None, ttl_s: float | None = None
+        self,
+        prefix: str | list[int] = "",
+        session_id: str | None = None,
+        ttl_s: float | None = None,
     ) -> Session:
         """Open a session; returns once its prefix is ingested."""
-        out = CreateSessionResponse.model_validate(self._send(_wire.create_call(prefix, session_id, ttl_s)))
+        out = CreateSessionResponse.model_validate(
+            self._send(_wire.create_call(prefix, session_id, ttl_s))
+        )
         return Session(self, out.id, out.token)
 
     def session(self, session_id: str, token: str) -> Session:

@@ -42,7 +42,7 @@ def render_chat(
         raise InvalidInputError(f"cannot apply the chat template: {exc}") from exc
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
-        text = text[len(bos):]
+        text = text[len(bos) :]
     if not text:
         raise InvalidInputError("the chat template rendered the messages as empty text")
     return text

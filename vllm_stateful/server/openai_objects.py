@@ -38,9 +38,7 @@ def usage(prompt_tokens: int, completion_tokens: int, computed_tokens: int) -> U
     )
 
 
-def completion(
-    model: str, session: SessionInfo, result, with_token_ids: bool
-) -> Completion:
+def completion(model: str, session: SessionInfo, result, with_token_ids: bool) -> Completion:
     """From an engine ``QueryResult``."""
     return Completion(
         id=f"cmpl-{uuid.uuid4().hex}",
@@ -102,7 +100,9 @@ class ChunkWriter:
     def chunk(self, q) -> CompletionChunk | ChatCompletionChunk:
         self.completion_tokens += len(q.token_ids)
         self.prompt_tokens, self.computed_tokens = q.prompt_tokens, q.computed_tokens
-        session = SessionInfo(id=self.session_id, version=q.version, computed_tokens=q.computed_tokens)
+        session = SessionInfo(
+            id=self.session_id, version=q.version, computed_tokens=q.computed_tokens
+        )
         token_ids = list(q.token_ids) if self.with_token_ids else None
         first, self._first = self._first, False
         if self.chat:

@@ -56,9 +56,9 @@ class StatefulEndpointPlugin:
             raise RuntimeError(
                 "the 'stateful' endpoint plugin needs the session KV connector: start "
                 "the server with `vllm-stateful serve MODEL ...`, or pass "
-                "--kv-transfer-config '{\"kv_connector\": \"StatefulConnector\", "
-                "\"kv_connector_module_path\": \"vllm_stateful.connector\", "
-                "\"kv_role\": \"kv_both\"}'"
+                '--kv-transfer-config \'{"kv_connector": "StatefulConnector", '
+                '"kv_connector_module_path": "vllm_stateful.connector", '
+                '"kv_role": "kv_both"}\''
             )
         engine = StatefulEngine(engine_client)
         names = list(args.served_model_name or [args.model])

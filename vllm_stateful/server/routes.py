@@ -49,9 +49,16 @@ from vllm_stateful.server.schemas import (
     SessionInfo,
     SessionList,
     SessionStats,
-    _SessionQuery,
+    SessionQuery,
 )
-from vllm_stateful.server.sse import DONE, FINAL_EVENTS, KEEPALIVE, data_line, event_block, with_keepalive
+from vllm_stateful.server.sse import (
+    DONE,
+    FINAL_EVENTS,
+    KEEPALIVE,
+    data_line,
+    event_block,
+    with_keepalive,
+)
 from vllm_stateful.server.state import ServerState, server_state
 
 router = APIRouter()
@@ -70,7 +77,9 @@ def _error(exc: StatefulError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status)
 
 
-def handles_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+def handles_errors(
+    handler: Callable[..., Awaitable[Response]],
+) -> Callable[..., Awaitable[Response]]:
     """Typed errors to OpenAI-format responses.
 
     vLLM's client errors and ``ValueError`` from its input checks (bad
@@ -162,7 +171,10 @@ async def create_session(request: Request) -> Response:
     # KV with no one holding its token.
     session = await st.engine.create_session(body.prefix, body.session_id, body.ttl_s)
     out = CreateSessionResponse(
-        id=session.id, token=session.access_token, tokens=len(session.tokens), version=session.version
+        id=session.id,
+        token=session.access_token,
+        tokens=len(session.tokens),
+        version=session.version,
     )
     return _json(out, 201)
 
@@ -228,7 +240,9 @@ async def events(session_id: str, request: Request) -> Response:
                 if ev is None:
                     yield KEEPALIVE
                     continue
-                out = SessionEvent(type=ev.type, session_id=session_id, version=ev.version, data=ev.data)
+                out = SessionEvent(
+                    type=ev.type, session_id=session_id, version=ev.version, data=ev.data
+                )
                 yield event_block(ev.type, out)
                 if ev.type in FINAL_EVENTS:
                     return
@@ -275,7 +289,7 @@ async def chat_completions(request: Request) -> Response:
     return await _maybe_session(request, "/v1/chat/completions", SessionChatRequest)
 
 
-async def _maybe_session(request: Request, path: str, model: type[_SessionQuery]) -> Response:
+async def _maybe_session(request: Request, path: str, model: type[SessionQuery]) -> Response:
     raw = await request.body()
     session_id = _session_id_of(raw)
     if session_id is None:
@@ -303,7 +317,9 @@ def _session_id_of(raw: bytes) -> str | None:
     return sid
 
 
-async def _answer(st: ServerState, request: Request, session_id: str, body: _SessionQuery) -> Response:
+async def _answer(
+    st: ServerState, request: Request, session_id: str, body: SessionQuery
+) -> Response:
     if body.session_id is not None and body.session_id != session_id:
         raise InvalidInputError(
             f"session_id '{body.session_id}' in the body differs from '{session_id}' in the path"
@@ -313,7 +329,11 @@ async def _answer(st: ServerState, request: Request, session_id: str, body: _Ses
     chat = isinstance(body, SessionChatRequest)
     if chat:
         text = render_chat(
-            engine.tokenizer, st.model_config, st.chat_template, body.messages, body.chat_template_kwargs
+            engine.tokenizer,
+            st.model_config,
+            st.chat_template,
+            body.messages,
+            body.chat_template_kwargs,
         )
         question: str | list[int] = _tokenize(engine, text)
     else:

@@ -132,7 +132,7 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class _SessionQuery(_Strict):
+class SessionQuery(_Strict):
     """Sampling and session fields shared by completions and chat."""
 
     model: str | None = None
@@ -172,7 +172,7 @@ class _SessionQuery(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _check_commit(self) -> _SessionQuery:
+    def _check_commit(self) -> SessionQuery:
         # Committing appends question + answer; with a stream the answer is
         # already on the wire when the append could still be refused.
         if self.commit and self.stream:
@@ -190,7 +190,7 @@ class _SessionQuery(_Strict):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-class SessionCompletionRequest(_SessionQuery):
+class SessionCompletionRequest(SessionQuery):
     """``POST /v1/sessions/{id}/completions`` (and ``/v1/completions`` with
     ``session_id``): ``prompt`` is the question asked after the session's
     context; text is tokenized without special tokens."""
@@ -223,7 +223,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class SessionChatRequest(_SessionQuery):
+class SessionChatRequest(SessionQuery):
     """``POST /v1/chat/completions`` with ``session_id``: ``messages`` are
     rendered with the model's chat template (``add_generation_prompt``) and
     the text is asked after the session's context."""

@@ -24,9 +24,7 @@ def event_block(event: str, data: BaseModel) -> str:
     return f"event: {event}\ndata: {data.model_dump_json()}\n\n"
 
 
-async def with_keepalive(
-    queue: asyncio.Queue, interval_s: float
-) -> AsyncIterator[Any | None]:
+async def with_keepalive(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[Any | None]:
     """Items of ``queue``; ``None`` whenever ``interval_s`` passes without one
     (the caller sends an SSE comment, so proxies keep the connection open)."""
     while True:

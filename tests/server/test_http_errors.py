@@ -68,6 +68,7 @@ def _cases(server: Server, s: Opened, other: Opened):
         ("POST", "/v1/sessions", {"prefix": "x", "ttl_s": -1}, {}, 400, "invalid_request"),
         ("POST", "/v1/sessions", {"prefix": [VOCAB]}, {}, 400, "invalid_request"),
         ("POST", "/v1/sessions", {"session_id": ""}, {}, 400, "invalid_request"),
+        ("POST", "/v1/sessions", {"session_id": "a/b"}, {}, 400, "invalid_request"),
         # 401 / 403: credentials
         ("GET", base, None, {}, 401, "session_token_required"),
         ("POST", f"{base}/append", {"text": "a"}, {}, 401, "session_token_required"),

@@ -135,13 +135,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finished, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also when this handler is cancelled itself (server shutdown).
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    raise _Disconnected()
+        if not task.done():
+            task.cancel()
+    if task not in finished:
+        raise _Disconnected()
+    return task.result()
 
 
 def _flag(request: Request, name: str) -> bool:

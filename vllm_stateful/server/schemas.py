@@ -19,6 +19,8 @@ Consistency = Literal["ingested", "latest"]
 
 # Header that carries a session's access token on every session route.
 TOKEN_HEADER = "X-Session-Token"
+# Ids a client may choose: letters, digits and ``_ . : @ ~ -``.
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:@~-]+$"
 
 
 class _Strict(BaseModel):
@@ -38,7 +40,8 @@ class CreateSessionRequest(_Strict):
     special tokens (BOS); a list is taken as token ids verbatim."""
 
     prefix: str | list[int] = ""
-    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # URL-safe, so that every session can be named in a route's path.
+    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN, max_length=256)
     ttl_s: float | None = Field(default=None, gt=0)
 
 

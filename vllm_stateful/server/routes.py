@@ -48,8 +48,8 @@ from vllm_stateful.server.schemas import (
     SessionEvent,
     SessionInfo,
     SessionList,
-    SessionStats,
     SessionQuery,
+    SessionStats,
 )
 from vllm_stateful.server.sse import (
     DONE,

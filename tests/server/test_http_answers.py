@@ -208,3 +208,11 @@ def test_stateless_traffic_is_unchanged(server, http, openai_client):
     # The stock handler's own validation, in vLLM's own format.
     r = http.post("/v1/completions", json={"model": server.model, "prompt": "x", "max_tokens": -1})
     assert r.status_code == 400 and isinstance(r.json()["error"]["code"], int)
+
+
+def test_routes_are_in_the_openapi_schema(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ("/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/append",
+                 "/v1/sessions/{session_id}/completions", "/v1/sessions/{session_id}/events"):  # fmt: skip
+        assert path in paths
+    assert "post" in paths["/v1/completions"] and "post" in paths["/v1/chat/completions"]

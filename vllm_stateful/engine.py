@@ -195,7 +195,7 @@ class StatefulEngine:
         one is ingested are coalesced into the next engine request.
         """
         session = self._get(session_id)
-        token_ids = self._encode(data)
+        token_ids = self.encode(data)
         self._check_fits(session_id, len(session.tokens) + len(token_ids))
         self.budget.check(
             self._pinned_by_others(session_id), len(session.tokens) + len(token_ids), session_id
@@ -296,7 +296,7 @@ class StatefulEngine:
                 version=hit.version,
                 prompt_tokens=len(prompt_ids),
                 computed_tokens=0,
-                finish_reason="flash",
+                finish_reason=hit.finish_reason,
                 flash=True,
                 computed_at=hit.computed_at,
             )
@@ -352,7 +352,7 @@ class StatefulEngine:
             raise InvalidInputError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
-        question = self._encode(prompt)
+        question = self.encode(prompt)
         target = session.version if consistency == "latest" else 0
         if session.ingested_version < target:
             await self.wait_ingested(session_id, target)
@@ -415,7 +415,7 @@ class StatefulEngine:
         return FlashQuery(
             id=flash_id or uuid.uuid4().hex[:12],
             prompt=prompt if isinstance(prompt, str) else list(prompt),
-            token_ids=self._encode(prompt),
+            token_ids=self.encode(prompt),
             params=params.clone(),
             only_changed=bool(only_changed),
         )
@@ -478,6 +478,7 @@ class StatefulEngine:
             version=version,
             text=completion.text,
             token_ids=list(completion.token_ids),
+            finish_reason=completion.finish_reason,
             confidence=confidence(list(completion.token_ids), completion.logprobs),
             computed_at=time.time(),
             changed=previous is None or previous.text != completion.text,
@@ -505,7 +506,10 @@ class StatefulEngine:
             raise SessionNotFoundError(f"session '{session_id}' not found")
         return session
 
-    def _encode(self, data: Data) -> list[int]:
+    def encode(self, data: Data) -> list[int]:
+        """Token ids of an append or a question: text is tokenized without
+        special tokens (it continues the session's token log); token ids are
+        checked against the vocabulary."""
         if isinstance(data, str):
             if not data:
                 raise InvalidInputError("text must not be empty")

@@ -73,6 +73,7 @@ class FlashResult:
     version: int
     text: str
     token_ids: list[int]
+    finish_reason: str | None
     confidence: float
     computed_at: float  # wall clock, seconds
     changed: bool  # text differs from the previous version's answer

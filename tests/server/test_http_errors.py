@@ -135,6 +135,9 @@ def test_other_sessions_token_is_refused_on_every_route(http, open_session):
         ("POST", f"{base}/completions", {"prompt": "x"}),
         ("POST", f"{base}/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
         ("GET", f"{base}/events", None),
+        ("POST", f"{base}/flash", {"prompt": "x"}),
+        ("GET", f"{base}/flash", None),
+        ("DELETE", f"{base}/flash/any", None),
         ("DELETE", base, None),
         ("POST", "/v1/completions", {"session_id": a.id, "prompt": "x"}),
         (

@@ -14,6 +14,7 @@ from vllm_stateful.server.errors import ERRORS_BY_CODE, error_from_body, invalid
 from vllm_stateful.server.schemas import (
     TOKEN_HEADER,
     Consistency,
+    FlashRequest,
     SessionCompletionRequest,
 )
 
@@ -36,8 +37,15 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def create_call(prefix: str | list[int], session_id: str | None, ttl_s: float | None) -> Call:
+def create_call(
+    prefix: str | list[int],
+    session_id: str | None,
+    ttl_s: float | None,
+    flash: list[dict[str, Any]] | None = None,
+) -> Call:
     body: dict[str, Any] = {"prefix": prefix}
+    if flash:
+        body["flash"] = [_flash_body(f) for f in flash]
     if session_id is not None:
         body["session_id"] = session_id
     if ttl_s is not None:
@@ -79,6 +87,20 @@ def query_call(
         raise invalid_input(exc) from None
     body = req.model_dump(exclude_unset=True, exclude_none=True)
     return Call("POST", f"/v1/sessions/{session_id}/completions", json=body, token=token)
+
+
+def _flash_body(fields: dict[str, Any]) -> dict[str, Any]:
+    # Validated with the server's schema before anything is sent.
+    try:
+        req = FlashRequest(**fields)
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
+    return req.model_dump(exclude_unset=True, exclude_none=True)
+
+
+def flash_call(session_id: str, token: str, fields: dict[str, Any]) -> Call:
+    body = _flash_body(fields)
+    return Call("POST", f"/v1/sessions/{session_id}/flash", json=body, token=token)
 
 
 def raise_for(status: int, content: bytes) -> None:

@@ -15,6 +15,8 @@ from vllm_stateful.server.schemas import (
     Completion,
     Consistency,
     CreateSessionResponse,
+    FlashInfo,
+    FlashList,
     SessionList,
     SessionStats,
 )
@@ -71,9 +73,10 @@ class AsyncClient:
         prefix: str | list[int] = "",
         session_id: str | None = None,
         ttl_s: float | None = None,
+        flash: list[dict[str, Any]] | None = None,
     ) -> AsyncSession:
         """Open a session; returns once its prefix is ingested."""
-        out = await self._send(_wire.create_call(prefix, session_id, ttl_s))
+        out = await self._send(_wire.create_call(prefix, session_id, ttl_s, flash))
         created = CreateSessionResponse.model_validate(out)
         return AsyncSession(self, created.id, created.token)
 
@@ -153,3 +156,19 @@ class AsyncSession:
     async def close(self) -> None:
         """Close the session on the server and free its KV."""
         await self.client._send(_wire.Call("DELETE", f"/v1/sessions/{self.id}", token=self.token))
+
+    async def register_flash(self, prompt: str | list[int], **fields: Any) -> FlashInfo:
+        """Register a flash query (``max_tokens``, ``temperature`` (default
+        0), ``seed``, ``id``, ``only_changed``, other sampling fields). A
+        query with the same prompt and fields is answered from its cache."""
+        call = _wire.flash_call(self.id, self.token, {"prompt": prompt, **fields})
+        return FlashInfo.model_validate(await self.client._send(call))
+
+    async def list_flash(self) -> list[FlashInfo]:
+        """Registered flash queries with their newest cached answers."""
+        call = _wire.Call("GET", f"/v1/sessions/{self.id}/flash", token=self.token)
+        return FlashList.model_validate(await self.client._send(call)).data
+
+    async def drop_flash(self, flash_id: str) -> None:
+        call = _wire.Call("DELETE", f"/v1/sessions/{self.id}/flash/{flash_id}", token=self.token)
+        await self.client._send(call)

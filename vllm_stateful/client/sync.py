@@ -13,6 +13,8 @@ from vllm_stateful.server.schemas import (
     Completion,
     Consistency,
     CreateSessionResponse,
+    FlashInfo,
+    FlashList,
     SessionList,
     SessionStats,
 )
@@ -70,10 +72,11 @@ class Client:
         prefix: str | list[int] = "",
         session_id: str | None = None,
         ttl_s: float | None = None,
+        flash: list[dict[str, Any]] | None = None,
     ) -> Session:
         """Open a session; returns once its prefix is ingested."""
         out = CreateSessionResponse.model_validate(
-            self._send(_wire.create_call(prefix, session_id, ttl_s))
+            self._send(_wire.create_call(prefix, session_id, ttl_s, flash))
         )
         return Session(self, out.id, out.token)
 
@@ -157,3 +160,19 @@ class Session:
     def close(self) -> None:
         """Close the session on the server and free its KV."""
         self.client._send(_wire.Call("DELETE", f"/v1/sessions/{self.id}", token=self.token))
+
+    def register_flash(self, prompt: str | list[int], **fields: Any) -> FlashInfo:
+        """Register a flash query (``max_tokens``, ``temperature`` (default
+        0), ``seed``, ``id``, ``only_changed``, other sampling fields). A
+        query with the same prompt and fields is answered from its cache."""
+        call = _wire.flash_call(self.id, self.token, {"prompt": prompt, **fields})
+        return FlashInfo.model_validate(self.client._send(call))
+
+    def list_flash(self) -> list[FlashInfo]:
+        """Registered flash queries with their newest cached answers."""
+        call = _wire.Call("GET", f"/v1/sessions/{self.id}/flash", token=self.token)
+        return FlashList.model_validate(self.client._send(call)).data
+
+    def drop_flash(self, flash_id: str) -> None:
+        call = _wire.Call("DELETE", f"/v1/sessions/{self.id}/flash/{flash_id}", token=self.token)
+        self.client._send(call)

@@ -43,6 +43,11 @@ from vllm_stateful.server.schemas import (
     CloseResponse,
     CreateSessionRequest,
     CreateSessionResponse,
+    FlashAnswer,
+    FlashDeleted,
+    FlashInfo,
+    FlashList,
+    FlashRequest,
     SessionChatRequest,
     SessionCompletionRequest,
     SessionEvent,
@@ -171,7 +176,8 @@ async def create_session(request: Request) -> Response:
     body = await _body(request, CreateSessionRequest, default={})
     # Not cancelled on disconnect: a session created for nobody would hold
     # KV with no one holding its token.
-    session = await st.engine.create_session(body.prefix, body.session_id, body.ttl_s)
+    flash = [_flash_spec(st, f) for f in body.flash]
+    session = await st.engine.create_session(body.prefix, body.session_id, body.ttl_s, flash)
     out = CreateSessionResponse(
         id=session.id,
         token=session.access_token,
@@ -256,6 +262,71 @@ async def events(session_id: str, request: Request) -> Response:
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# --------------------------------------------------------------------- flash
+
+
+@router.post("/v1/sessions/{session_id}/flash", status_code=201)
+@handles_errors
+async def register_flash(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    body = await _body(request, FlashRequest)
+    fq = await st.engine.register_flash(session_id, **_flash_spec(st, body))
+    return _json(_flash_info(fq, None), 201)
+
+
+@router.get("/v1/sessions/{session_id}/flash")
+@handles_errors
+async def list_flash(session_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    return _json(FlashList(data=[_flash_info(fq, r) for fq, r in st.engine.list_flash(session_id)]))
+
+
+@router.delete("/v1/sessions/{session_id}/flash/{flash_id}")
+@handles_errors
+async def drop_flash(session_id: str, flash_id: str, request: Request) -> Response:
+    st = server_state(request)
+    authorize(st.engine, session_id, request)
+    st.engine.drop_flash(session_id, flash_id)
+    return _json(FlashDeleted(id=flash_id))
+
+
+def _flash_spec(st: ServerState, body: FlashRequest) -> dict[str, Any]:
+    """Keyword arguments of ``StatefulEngine.register_flash``. Sampling is
+    built exactly as for a completion, so a completion with the same fields
+    finds the cached answer."""
+    max_tokens = body.max_tokens or st.model_defaults.get("max_tokens") or COMPLETION_MAX_TOKENS
+    return {
+        "prompt": body.prompt,
+        "sampling_params": build_sampling_params(body, max_tokens, st.model_defaults),
+        "flash_id": body.id,
+        "only_changed": body.only_changed,
+    }
+
+
+def _flash_info(fq: Any, result: Any) -> FlashInfo:
+    latest = None
+    if result is not None:
+        latest = FlashAnswer(
+            version=result.version,
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=result.finish_reason,
+            confidence=result.confidence,
+            computed_at=result.computed_at,
+        )
+    return FlashInfo(
+        id=fq.id,
+        prompt=fq.prompt,
+        max_tokens=fq.params.max_tokens,
+        temperature=fq.params.temperature,
+        seed=fq.params.seed,
+        only_changed=fq.only_changed,
+        latest=latest,
+    )
+
+
 # --------------------------------------------------------------- completions
 
 
@@ -337,9 +408,9 @@ async def _answer(
             body.messages,
             body.chat_template_kwargs,
         )
-        question: str | list[int] = _tokenize(engine, text)
+        question: str | list[int] = engine.encode(text)
     else:
-        question = body.prompt if isinstance(body.prompt, list) else _tokenize(engine, body.prompt)
+        question = engine.encode(body.prompt)
     if not question:
         raise InvalidInputError("the question is empty after tokenization")
     session = engine.sessions.get(session_id)
@@ -368,7 +439,8 @@ async def _answer(
     info = SessionInfo(
         id=session_id,
         version=result.version,
-        flash=getattr(result, "flash", False),
+        flash=result.flash,
+        computed_at=result.computed_at,
         computed_tokens=result.computed_tokens,
         committed_version=result.committed_version,
     )
@@ -410,12 +482,6 @@ async def _close(stream: Any) -> None:
         await stream.aclose()
     except (RuntimeError, StopAsyncIteration):  # already finished or running
         pass
-
-
-def _tokenize(engine: Any, text: str) -> list[int]:
-    # As the engine tokenizes appends and questions: no special tokens, so
-    # the question continues the session's token log.
-    return list(engine.tokenizer.encode(text, add_special_tokens=False))
 
 
 def _model_name(st: ServerState, requested: str | None) -> str:

@@ -13,7 +13,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 
 from vllm_stateful.errors import ContextLengthError, InvalidInputError
-from vllm_stateful.server.schemas import SessionQuery
+from vllm_stateful.server.schemas import SamplingFields
 
 # Model defaults (generation_config.json) that may stand in for an unset field.
 _DEFAULTABLE = (
@@ -43,7 +43,7 @@ def resolve_max_tokens(
 
 
 def build_sampling_params(
-    body: SessionQuery, max_tokens: int, model_defaults: dict[str, Any]
+    body: SamplingFields, max_tokens: int, model_defaults: dict[str, Any]
 ) -> SamplingParams:
     kwargs = {k: model_defaults[k] for k in _DEFAULTABLE if model_defaults.get(k) is not None}
     kwargs.update(body.sampling_kwargs())

@@ -43,6 +43,8 @@ class CreateSessionRequest(_Strict):
     # URL-safe, so that every session can be named in a route's path.
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN, max_length=256)
     ttl_s: float | None = Field(default=None, gt=0)
+    # Flash queries registered with the session, atomically.
+    flash: list[FlashRequest] = Field(default_factory=list)
 
 
 class CreateSessionResponse(_Open):
@@ -105,7 +107,7 @@ class CloseResponse(_Open):
 class SessionEvent(_Open):
     """One server-sent event of ``GET /v1/sessions/{id}/events``."""
 
-    type: str  # "ingested" | "closed" | "evicted" (later: "flash")
+    type: str  # "ingested" | "flash" | "closed" | "evicted"
     session_id: str
     version: int
     data: dict[str, Any] = Field(default_factory=dict)
@@ -135,10 +137,10 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class SessionQuery(_Strict):
-    """Sampling and session fields shared by completions and chat."""
+class SamplingFields(_Strict):
+    """Sampling fields shared by completions, chat and flash queries; they map
+    onto ``vllm.SamplingParams`` (see ``server/sampling.py``)."""
 
-    model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -154,15 +156,6 @@ class SessionQuery(_Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM's extension: also return the generated token ids.
-    return_token_ids: bool = False
-    # Session fields.
-    session_id: str | None = None  # on /v1/completions and /v1/chat/completions
-    consistency: Consistency = "ingested"
-    commit: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -174,14 +167,6 @@ class SessionQuery(_Strict):
             data = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
         return data
 
-    @model_validator(mode="after")
-    def _check_commit(self) -> SessionQuery:
-        # Committing appends question + answer; with a stream the answer is
-        # already on the wire when the append could still be refused.
-        if self.commit and self.stream:
-            raise ValueError("'commit' cannot be combined with 'stream'")
-        return self
-
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields that map one to one onto ``vllm.SamplingParams``
         (``max_tokens`` is resolved by the server against the context)."""
@@ -191,6 +176,29 @@ class SessionQuery(_Strict):
             "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
         )  # fmt: skip
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+class SessionQuery(SamplingFields):
+    """Sampling and session fields shared by completions and chat."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extension: also return the generated token ids.
+    return_token_ids: bool = False
+    # Session fields.
+    session_id: str | None = None  # on /v1/completions and /v1/chat/completions
+    consistency: Consistency = "ingested"
+    commit: bool = False
+
+    @model_validator(mode="after")
+    def _check_commit(self) -> SessionQuery:
+        # Committing appends question + answer; with a stream the answer is
+        # already on the wire when the append could still be refused.
+        if self.commit and self.stream:
+            raise ValueError("'commit' cannot be combined with 'stream'")
+        return self
 
 
 class SessionCompletionRequest(SessionQuery):
@@ -245,12 +253,67 @@ class SessionChatRequest(SessionQuery):
         return self
 
 
+# ------------------------------------------------------------------- flash
+
+
+class FlashRequest(SamplingFields):
+    """A flash query: ``prompt`` is re-answered after every ingested version.
+    Sampling must be deterministic: temperature 0 (the default here) or a
+    seed. A session query with the same prompt and sampling fields is
+    answered from its cache."""
+
+    prompt: str | list[int]
+    id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN, max_length=128)
+    # Push a ``flash`` event only when the answer's text changed.
+    only_changed: bool = False
+    temperature: float | None = Field(default=0.0, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
+        if len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class FlashAnswer(_Open):
+    version: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    confidence: float  # geometric-mean probability of the answer's tokens
+    computed_at: float  # unix time
+
+
+class FlashInfo(_Open):
+    id: str
+    object: Literal["session.flash"] = "session.flash"
+    prompt: str | list[int]
+    max_tokens: int
+    temperature: float
+    seed: int | None = None
+    only_changed: bool = False
+    latest: FlashAnswer | None = None  # the newest cached answer
+
+
+class FlashList(_Open):
+    object: Literal["list"] = "list"
+    data: list[FlashInfo]
+
+
+class FlashDeleted(_Open):
+    id: str
+    object: Literal["session.flash.deleted"] = "session.flash.deleted"
+    deleted: bool = True
+
+
 class SessionInfo(_Open):
     """Which session state answered a query."""
 
     id: str
     version: int  # the session version the answer saw
-    flash: bool = False  # answered from the flash cache (not yet implemented)
+    flash: bool = False  # answered from a flash query's cache
+    computed_at: float | None = None  # unix time a flash answer was computed
     computed_tokens: int  # prompt tokens the engine computed for this answer
     committed_version: int | None = None  # set when ``commit`` appended q+a
 
@@ -362,3 +425,7 @@ class ErrorInfo(_Open):
 
 class ErrorResponse(_Open):
     error: ErrorInfo
+
+
+# Defined before the flash models it names.
+CreateSessionRequest.model_rebuild()

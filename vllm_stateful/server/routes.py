@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -94,14 +95,20 @@ def handles_errors(
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Response:
+        start = time.perf_counter()
         try:
-            return await handler(*args, **kwargs)
+            response = await handler(*args, **kwargs)
         except StatefulError as exc:
-            return _error(exc)
+            response = _error(exc)
         except _Disconnected:
             return Response(status_code=499)
         except (VLLMClientError, ValueError) as exc:
-            return _error(InvalidInputError(str(exc)))
+            response = _error(InvalidInputError(str(exc)))
+        # Time spent in the handler (for a stream: until its headers), so
+        # clients can tell server time from network and queueing time.
+        ms = (time.perf_counter() - start) * 1e3
+        response.headers["Server-Timing"] = f"app;dur={ms:.3f}"
+        return response
 
     return wrapper
 

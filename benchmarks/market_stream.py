@@ -66,6 +66,8 @@ from marketbench.workloads import (  # noqa: E402
 )
 
 README_PATHS = (HERE.parent / "README.md", HERE / "README.md")
+# Real ticks shipped with the benchmark, so the smoke run needs no data package.
+SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
 SMOKE_WORKLOAD = Workload("smoke", "1 session, tiny model", 1, (64, 160, 320), 1)
 
 
@@ -165,7 +167,7 @@ def prepare_model(args: argparse.Namespace) -> tuple[str, str | None, str]:
 def build_plans(args, tokenizer, qset) -> tuple[list[Workload], dict[str, list[SessionPlan]]]:
     if args.smoke:
         wls = [SMOKE_WORKLOAD]
-        feed = FeedConfig(args.csv, args.bars, tick_rate=40.0, ticks_per_append=2)
+        feed = FeedConfig(args.csv or str(SMOKE_TICKS), args.bars, tick_rate=40.0, ticks_per_append=2)
     else:
         table = default_workloads(args.max_context, args.wide_context)
         unknown = [w for w in args.workload_keys if w not in table]
@@ -204,7 +206,7 @@ class Progress:
 
     def answer(self, q: QueryRecord) -> None:
         self.bar.update(1)
-        self.bar.set_postfix_str(f"ctx {q.context} e2e {q.e2e_s * 1e3:.0f} ms" + (" ERR" if q.error else ""))
+        self.bar.set_postfix_str(f"ctx {q.context} e2e {q.e2e_s * 1e3:.0f} ms" + (" ERR" if q.error else ""), refresh=False)
 
     def log(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
@@ -315,8 +317,8 @@ async def main_async(args: argparse.Namespace) -> int:
     kv_dtype = args.dtype
     traffic = decode_traffic(model_dir, kv_dtype)
 
-    source = args.csv or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, tick_data.csv)"
     feed = args.feed
+    source = feed.csv_path or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, tick_data.csv)"
     meta = {
         "command": "python benchmarks/market_stream.py" + (" " + shlex.join(args.argv) if args.argv else ""),
         "machine": machine(),
@@ -375,7 +377,11 @@ async def main_async(args: argparse.Namespace) -> int:
     results.write(out / f"{args.stem}.json")
     md = report.markdown(results, traffic)
     (out / f"{args.stem}.md").write_text(md + "\n")
-    made = report.plots(results, out, args.stem)
+    try:
+        made = report.plots(results, out, args.stem)
+    except ImportError:  # matplotlib is in the bench extra, not in every install
+        made = []
+        print("matplotlib is not installed: no plots (pip install -e '.[bench]')", file=sys.stderr)
     print(md)
     print(f"\nwrote {out / (args.stem + '.json')}, {out / (args.stem + '.md')}, "
           + ", ".join(str(p) for p in made), file=sys.stderr)  # fmt: skip

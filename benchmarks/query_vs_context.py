@@ -34,6 +34,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+from marketbench.feed import LineTokens, lines  # benchmarks/ is on sys.path when run as a script
+
 RESULTS = Path(__file__).parent / "results"
 QUESTION = "\nQuestion: what was the last traded price?\nAnswer:"
 HEADER = "E-mini S&P 500 futures trades (time price size):\n"
@@ -57,27 +59,11 @@ class Point:
         return statistics.median(self.e2e_s)
 
 
-class TickTokens:
-    """Token ids of successive tick lines, tokenized line by line exactly as
-    a session's appends are."""
-
-    def __init__(self, tokenizer):
-        from vllm_stateful.feeds import tick_lines
-
-        self.tok = tokenizer
-        self.lines = tick_lines()
-
-    def take(self, n_tokens: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n_tokens:
-            out += self.tok.encode(next(self.lines), add_special_tokens=False)
-        return out
-
-
 def schedule(tokenizer, contexts: list[int], reps: int, new_tokens: int) -> list[tuple[int, list[list[int]]]]:
     """Per context bucket: the growth to reach it, then one delta per rep.
     Identical for every engine."""
-    feed = TickTokens(tokenizer)
+    # Tick lines tokenized one by one, exactly as a session's appends are.
+    feed = LineTokens(tokenizer, lines())
     plan, size = [], len(tokenizer.encode(HEADER))
     for target in contexts:
         deltas = [feed.take(max(target - size, 1))]

@@ -60,6 +60,5 @@ bench: $(STAMP)
 bench-market: $(STAMP)
 	CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 	  $(PY) -m pip install -q -e ".[bench]"
-	$(PY) -m pip install -q --no-deps mlfinpy==0.1.2
 	$(PY) -m vllm_stateful.models prepare smollm2
 	$(PY) benchmarks/market_stream.py $(ARGS)

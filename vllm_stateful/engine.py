@@ -9,6 +9,7 @@ connector pins each ingested version, so a query computes only its own tokens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 import uuid
@@ -48,6 +49,10 @@ CONSISTENCY = ("ingested", "latest")
 
 @dataclass(frozen=True)
 class QueryResult:
+    """An answer; from :meth:`StatefulEngine.query_stream`, one delta of it
+    (``text`` and ``token_ids`` are the new part; the last has
+    ``finish_reason``)."""
+
     text: str
     token_ids: list[int]
     version: int  # the session version the answer saw
@@ -57,18 +62,6 @@ class QueryResult:
     committed_version: int | None = None
     flash: bool = False  # answered from a flash query's cache
     computed_at: float | None = None  # when a flash answer was computed
-
-
-@dataclass(frozen=True)
-class QueryChunk:
-    """One streamed piece of an answer; the last one has ``finish_reason``."""
-
-    text: str
-    token_ids: list[int]
-    version: int
-    prompt_tokens: int
-    computed_tokens: int
-    finish_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -288,34 +281,16 @@ class StatefulEngine:
         session, version, prompt_ids, params = await self._prepare_query(
             session_id, prompt, sampling_params, consistency, RequestOutputKind.FINAL_ONLY
         )
-        hit = None if commit else self._flash_hit(session, prompt_ids[session.lengths[version]:], params, version)
+        hit = None if commit else self._flash_hit(session, prompt_ids, params, version)
         if hit is not None:
-            return QueryResult(
-                text=hit.text,
-                token_ids=list(hit.token_ids),
-                version=hit.version,
-                prompt_tokens=len(prompt_ids),
-                computed_tokens=0,
-                finish_reason=hit.finish_reason,
-                flash=True,
-                computed_at=hit.computed_at,
-            )
+            return hit
         out = await self._final(session, prompt_ids, params, Op.QUERY)
-        completion = out.outputs[0]
-        committed = None
+        result = self._result(out, version, prompt_ids)
         if commit:
-            committed = await self.append(
-                session_id, prompt_ids[session.lengths[version]:] + list(completion.token_ids)
-            )
-        return QueryResult(
-            text=completion.text,
-            token_ids=list(completion.token_ids),
-            version=version,
-            prompt_tokens=len(prompt_ids),
-            computed_tokens=len(prompt_ids) - (out.num_cached_tokens or 0),
-            finish_reason=completion.finish_reason,
-            committed_version=committed,
-        )
+            question = prompt_ids[session.lengths[version]:]
+            committed = await self.append(session_id, question + result.token_ids)
+            result = dataclasses.replace(result, committed_version=committed)
+        return result
 
     async def query_stream(
         self,
@@ -323,21 +298,30 @@ class StatefulEngine:
         prompt: Data,
         sampling_params: SamplingParams | None = None,
         consistency: str = "ingested",
-    ) -> AsyncIterator[QueryChunk]:
-        """Like :meth:`query`, yielding the answer as it is generated."""
+    ) -> AsyncIterator[QueryResult]:
+        """Like :meth:`query`, yielding the answer as it is generated (a
+        flash hit arrives whole, as one result)."""
         session, version, prompt_ids, params = await self._prepare_query(
             session_id, prompt, sampling_params, consistency, RequestOutputKind.DELTA
         )
+        hit = self._flash_hit(session, prompt_ids, params, version)
+        if hit is not None:
+            yield hit
+            return
         async for out in self._generate(session.key, prompt_ids, params, Op.QUERY):
-            completion = out.outputs[0]
-            yield QueryChunk(
-                text=completion.text,
-                token_ids=list(completion.token_ids),
-                version=version,
-                prompt_tokens=len(prompt_ids),
-                computed_tokens=len(prompt_ids) - (out.num_cached_tokens or 0),
-                finish_reason=completion.finish_reason,
-            )
+            yield self._result(out, version, prompt_ids)
+
+    @staticmethod
+    def _result(out: RequestOutput, version: int, prompt_ids: list[int]) -> QueryResult:
+        completion = out.outputs[0]
+        return QueryResult(
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            version=version,
+            prompt_tokens=len(prompt_ids),
+            computed_tokens=len(prompt_ids) - (out.num_cached_tokens or 0),
+            finish_reason=completion.finish_reason,
+        )
 
     async def _prepare_query(
         self,
@@ -431,18 +415,30 @@ class StatefulEngine:
             )
 
     def _flash_hit(
-        self, session: Session, question: list[int], params: SamplingParams, version: int
-    ) -> FlashResult | None:
+        self, session: Session, prompt_ids: list[int], params: SamplingParams, version: int
+    ) -> QueryResult | None:
+        """The cached answer of a flash query with this question and these
+        sampling settings on ``version``, if there is one."""
+        question = prompt_ids[session.lengths[version]:]
         key = params_key(params)
         for fid, fq in session.flash.items():
-            result = session.flash_results.get(fid)
+            hit = session.flash_results.get(fid)
             if (
-                result is not None
-                and result.version == version
+                hit is not None
+                and hit.version == version
                 and fq.token_ids == question
                 and params_key(fq.params) == key
             ):
-                return result
+                return QueryResult(
+                    text=hit.text,
+                    token_ids=list(hit.token_ids),
+                    version=hit.version,
+                    prompt_tokens=len(prompt_ids),
+                    computed_tokens=0,
+                    finish_reason=hit.finish_reason,
+                    flash=True,
+                    computed_at=hit.computed_at,
+                )
         return None
 
     def _engine_idle(self) -> bool:

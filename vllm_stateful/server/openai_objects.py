@@ -77,7 +77,7 @@ def chat_completion(
 
 @dataclass
 class ChunkWriter:
-    """Turns engine ``QueryChunk`` deltas into OpenAI stream chunks.
+    """Turns engine ``QueryResult`` deltas into OpenAI stream chunks.
 
     One id and timestamp for the whole stream; counts tokens for the usage
     chunk that ``stream_options.include_usage`` asks for.

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", default="a,b8,b32,c8,c32", help="comma list of a,b8,b32,c8,c32")
     ap.add_argument("--max-context", type=int, default=7000, help="largest context of a, b8, c8 (tokens)")
     ap.add_argument("--wide-context", type=int, default=2000, help="largest context of b32, c32")
-    ap.add_argument("--deep-questions", type=int, default=5, help="questions per context bucket in (a)")
+    ap.add_argument("--deep-questions", type=int, default=8, help="questions per context bucket in (a)")
     ap.add_argument("--tick-rate", type=float, default=10.0,
                     help="feed lines per second over all sessions of a workload")  # fmt: skip
     ap.add_argument("--ticks-per-append", type=int, default=3)
@@ -206,7 +206,8 @@ class Progress:
 
     def answer(self, q: QueryRecord) -> None:
         self.bar.update(1)
-        self.bar.set_postfix_str(f"ctx {q.context} e2e {q.e2e_s * 1e3:.0f} ms" + (" ERR" if q.error else ""), refresh=False)
+        status = f"ctx {q.context} e2e {q.e2e_s * 1e3:.0f} ms" + (" ERR" if q.error else "")
+        self.bar.set_postfix_str(status, refresh=False)
 
     def log(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)

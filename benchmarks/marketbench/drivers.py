@@ -49,6 +49,7 @@ class Answer:
     flash: bool | None = None
     server_s: float | None = None
     flash_wait_s: float | None = None
+    pending_ingest: bool | None = None
 
 
 @dataclass
@@ -117,6 +118,9 @@ async def stream_completion(http: httpx.AsyncClient, path: str, body: dict[str, 
     async with http.stream("POST", path, json=body, headers=headers) as r:
         if r.status_code >= 400:
             raise RuntimeError(f"{path}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+        # vllm-stateful sends its headers with the first chunk: its
+        # Server-Timing is then the server-side time to first token.
+        server = server_seconds(r, None)
         async for _, data in sse_lines(r):
             if data == "[DONE]":
                 break
@@ -141,6 +145,7 @@ async def stream_completion(http: httpx.AsyncClient, path: str, body: dict[str, 
         completion_tokens=usage.get("completion_tokens", chunks),
         prompt_tokens=prompt,
         computed_tokens=(prompt - cached) if prompt is not None and cached is not None else None,
+        server_s=server,
     )
 
 
@@ -259,6 +264,9 @@ class SessionDriver(Driver):
         h.appended.append((h.version, len(step.tokens), sent))
 
     async def ask(self, h: Handle, ask: Ask, ids: list[int]) -> Answer:
+        # Whether the newest append was still being ingested when the
+        # question left (then "latest" makes the answer wait for it).
+        pending = not any(v >= h.version for v, _ in h.ingested)
         body = {
             "prompt": ids,
             "max_tokens": self.max_tokens,
@@ -267,9 +275,9 @@ class SessionDriver(Driver):
             "stream_options": {"include_usage": True},
             "consistency": "latest",
         }
-        return await stream_completion(
-            self.http, f"/v1/sessions/{h.session_id}/completions", body, h.headers
-        )
+        answer = await stream_completion(self.http, f"/v1/sessions/{h.session_id}/completions", body, h.headers)
+        answer.pending_ingest = pending
+        return answer
 
     async def close(self, h: Handle) -> dict[str, Any]:
         r = await self.http.get(f"/v1/sessions/{h.session_id}", headers=h.headers)

@@ -33,7 +33,8 @@ class QueryRecord:
     computed_tokens: int | None = None  # prompt tokens the engine computed, when reported
     flash: bool | None = None  # answered from the flash cache
     flash_wait_s: float | None = None  # waited for the flash answer of this version
-    server_s: float | None = None  # server-side time, when the server reports one
+    server_s: float | None = None  # server-side time (to first token when streamed), if reported
+    pending_ingest: bool | None = None  # sessions: the newest append was not yet ingested when asked
     error: str | None = None
 
     @property

@@ -139,6 +139,7 @@ async def run_workload(
                     rec.e2e_s, rec.ttft_s, rec.text = a.e2e_s, a.ttft_s, a.text
                     rec.completion_tokens, rec.computed_tokens = a.completion_tokens, a.computed_tokens
                     rec.flash, rec.flash_wait_s, rec.server_s = a.flash, a.flash_wait_s, a.server_s
+                    rec.pending_ingest = a.pending_ingest
                 except Exception as exc:  # recorded with the question; the run goes on
                     rec.error = repr(exc)[:500]
                 queries.append(rec)

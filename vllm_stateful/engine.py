@@ -22,6 +22,7 @@ from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
+from vllm_stateful import metrics
 from vllm_stateful.budget import Budget
 from vllm_stateful.config import StatefulConfig, connector_config
 from vllm_stateful.errors import (
@@ -119,6 +120,7 @@ class StatefulEngine:
             is_idle=self._engine_idle,
             concurrency=self.config.flash_concurrency,
         )
+        metrics.bind(self)
 
     @classmethod
     def from_engine_args(
@@ -286,6 +288,8 @@ class StatefulEngine:
             return hit
         out = await self._final(session, prompt_ids, params, Op.QUERY)
         result = self._result(out, version, prompt_ids)
+        metrics.QUERIES.labels("engine").inc()
+        metrics.QUERY_COMPUTED_TOKENS.inc(result.computed_tokens)
         if commit:
             question = prompt_ids[session.lengths[version]:]
             committed = await self.append(session_id, question + result.token_ids)
@@ -308,8 +312,12 @@ class StatefulEngine:
         if hit is not None:
             yield hit
             return
+        metrics.QUERIES.labels("engine").inc()
         async for out in self._generate(session.key, prompt_ids, params, Op.QUERY):
-            yield self._result(out, version, prompt_ids)
+            result = self._result(out, version, prompt_ids)
+            if result.finish_reason is not None:
+                metrics.QUERY_COMPUTED_TOKENS.inc(result.computed_tokens)
+            yield result
 
     @staticmethod
     def _result(out: RequestOutput, version: int, prompt_ids: list[int]) -> QueryResult:
@@ -429,6 +437,7 @@ class StatefulEngine:
                 and fq.token_ids == question
                 and params_key(fq.params) == key
             ):
+                metrics.QUERIES.labels("flash_cache").inc()
                 return QueryResult(
                     text=hit.text,
                     token_ids=list(hit.token_ids),
@@ -462,6 +471,7 @@ class StatefulEngine:
             return  # the next version retries; foreground paths report errors
         finally:
             self._flash_inflight -= 1
+        metrics.FLASH_EVALUATIONS.inc()
         completion = out.outputs[0]
         previous = session.flash_results.get(fq.id)
         # Evaluations may finish out of order; versions only move forward.
@@ -562,8 +572,11 @@ class StatefulEngine:
                 async with session.changed:
                     session.changed.notify_all()
                 return
+            computed = len(prompt_ids) - (out.num_cached_tokens or 0)
             session.ingest_requests += 1
-            session.ingest_computed_tokens += len(prompt_ids) - (out.num_cached_tokens or 0)
+            session.ingest_computed_tokens += computed
+            metrics.INGEST_REQUESTS.inc()
+            metrics.INGEST_COMPUTED_TOKENS.inc(computed)
             report = EngineReport.from_params(out.kv_transfer_params)
             session.pinned_tokens = report.session_pinned_tokens if report else 0
             await self._mark_ingested(session, target)

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the session layer, served on vLLM's ``/metrics``
+next to vLLM's own (they share prometheus_client's default registry)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge
+
+if TYPE_CHECKING:
+    from vllm_stateful.engine import StatefulEngine
+
+QUERIES = Counter(
+    "vllm_stateful_queries", "Session queries answered", ["source"]  # engine | flash_cache
+)
+QUERY_COMPUTED_TOKENS = Counter(
+    "vllm_stateful_query_computed_tokens", "Prompt tokens computed by session queries"
+)
+INGEST_REQUESTS = Counter("vllm_stateful_ingest_requests", "Engine requests that ingested appends")
+INGEST_COMPUTED_TOKENS = Counter(
+    "vllm_stateful_ingest_computed_tokens", "Prompt tokens computed to ingest appends"
+)
+FLASH_EVALUATIONS = Counter("vllm_stateful_flash_evaluations", "Flash query evaluations run")
+SESSIONS = Gauge("vllm_stateful_sessions", "Open sessions")
+PINNED_TOKENS = Gauge("vllm_stateful_pinned_tokens", "KV tokens pinned by sessions")
+BUDGET_TOKENS = Gauge("vllm_stateful_budget_tokens", "KV tokens sessions may pin together")
+FLASH_QUERIES = Gauge("vllm_stateful_flash_queries", "Registered flash queries")
+
+
+def bind(engine: StatefulEngine) -> None:
+    """Read the gauges from ``engine`` at scrape time."""
+    SESSIONS.set_function(lambda: len(engine.sessions))
+    PINNED_TOKENS.set_function(lambda: sum(s.pinned_tokens for s in engine.sessions.values()))
+    BUDGET_TOKENS.set(engine.budget.limit_tokens)
+    FLASH_QUERIES.set_function(lambda: sum(len(s.flash) for s in engine.sessions.values()))

@@ -186,11 +186,21 @@ def build_plans(args, tokenizer, qset) -> tuple[list[Workload], dict[str, list[S
     return wls, plans
 
 
-def drivers_for(spec: EngineSpec, http, qset, clock) -> list[Driver]:
+def eog_ids(tokenizer) -> tuple[int, ...]:
+    """Tokens that end generation in llama.cpp (end of turn, end of text)."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in ("<|endoftext|>", "<|im_end|>", "</s>") if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def drivers_for(spec: EngineSpec, http, qset, clock, tokenizer) -> list[Driver]:
     if spec.kind == "stateful":
         return [SessionDriver(http, qset, clock), FlashDriver(http, qset, clock)]
     # llama-cpp-python's server takes prompts as text only.
-    return [FullPromptDriver(http, qset, clock, spec.rows[0], text_prompts=spec.key == "llamacpp")]
+    text = spec.key == "llamacpp"
+    return [FullPromptDriver(http, qset, clock, spec.rows[0], text_prompts=text, eog_ids=eog_ids(tokenizer))]
 
 
 class Progress:
@@ -239,7 +249,7 @@ async def run_engine(spec, opts, args, wls, plans, qset, question_ids, tokenizer
             # One untimed request, so no workload pays for first-use work.
             warm = FullPromptDriver(http, qset, clock, "warm-up", text_prompts=spec.key == "llamacpp")
             await warm.stateless(plans[wls[0].name][0].prefix, plans[wls[0].name][0].prefix_text)
-            for driver in drivers_for(spec, http, qset, clock):
+            for driver in drivers_for(spec, http, qset, clock, tokenizer):
                 for w in wls:
                     progress.label(f"{driver.row} | {w.name}")
                     try:

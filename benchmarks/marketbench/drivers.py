@@ -156,6 +156,14 @@ class Driver:
         self.http, self.qset, self.clock = http, qset, clock
         self.max_tokens = qset.max_tokens
 
+    def sampling(self) -> dict[str, Any]:
+        """Greedy, ``max_tokens``; fixed-length answers when the question set
+        asks for them (vLLM's, SGLang's and TensorRT-LLM's ``ignore_eos``)."""
+        out: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": 0}
+        if self.qset.ignore_eos:
+            out["ignore_eos"] = True
+        return out
+
     async def open(self, plan: SessionPlan) -> Handle:
         return Handle(plan, list(plan.prefix), plan.prefix_text)
 
@@ -180,19 +188,28 @@ class Driver:
 
 
 class FullPromptDriver(Driver):
-    def __init__(self, http, qset, clock, row: str, text_prompts: bool = False):
+    """``text_prompts``: llama-cpp-python's server, which takes text only and
+    has no ``ignore_eos``; a -100 logit bias on its end-of-generation tokens
+    (``eog_ids``) makes its answers the same fixed length."""
+
+    def __init__(self, http, qset, clock, row: str, text_prompts: bool = False, eog_ids: tuple[int, ...] = ()):
         super().__init__(http, qset, clock)
-        self.row, self.text_prompts = row, text_prompts
+        self.row, self.text_prompts, self.eog_ids = row, text_prompts, eog_ids
 
     def prompt(self, ids: list[int], text: str) -> list[int] | str:
         return text if self.text_prompts else ids
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.text_prompts and out.pop("ignore_eos", False) and self.eog_ids:
+            out["logit_bias"] = {str(t): -100.0 for t in self.eog_ids}
+        return out
 
     async def ask(self, h: Handle, ask: Ask, ids: list[int]) -> Answer:
         body = {
             "model": SERVED_NAME,
             "prompt": self.prompt(h.context_ids + ids, h.context_text + self.qset.prompt(ask.question)),
-            "max_tokens": self.max_tokens,
-            "temperature": 0,
+            **self.sampling(),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -269,8 +286,7 @@ class SessionDriver(Driver):
         pending = not any(v >= h.version for v, _ in h.ingested)
         body = {
             "prompt": ids,
-            "max_tokens": self.max_tokens,
-            "temperature": 0,
+            **self.sampling(),
             "stream": True,
             "stream_options": {"include_usage": True},
             "consistency": "latest",
@@ -304,7 +320,7 @@ class FlashDriver(SessionDriver):
 
     def flash_specs(self, plan: SessionPlan) -> list[dict[str, Any]]:
         return [
-            {"prompt": self.qset.prompt(q), "max_tokens": self.max_tokens, "temperature": 0, "id": q.id}
+            {"prompt": self.qset.prompt(q), **self.sampling(), "id": q.id}
             for q in plan.questions()
         ]
 
@@ -349,12 +365,7 @@ class FlashDriver(SessionDriver):
             except asyncio.TimeoutError:
                 break
         waited = time.perf_counter() - t0
-        body = {
-            "prompt": self.qset.prompt(ask.question),
-            "max_tokens": self.max_tokens,
-            "temperature": 0,
-            "consistency": "latest",
-        }
+        body = {"prompt": self.qset.prompt(ask.question), **self.sampling(), "consistency": "latest"}
         start = time.perf_counter()
         r = await self.http.post(f"/v1/sessions/{h.session_id}/completions", json=body, headers=h.headers)
         e2e = time.perf_counter() - start

@@ -26,6 +26,9 @@ class QuestionSet:
     context_template: str
     question_template: str
     max_tokens: int
+    # Answers of exactly max_tokens tokens (no stop at end of sequence), so
+    # every engine and every context decodes the same number of tokens.
+    ignore_eos: bool
     questions: tuple[Question, ...]
 
     @classmethod
@@ -40,6 +43,7 @@ class QuestionSet:
             context_template=raw["context_template"],
             question_template=raw["question_template"],
             max_tokens=int(raw.get("max_tokens", 16)),
+            ignore_eos=bool(raw.get("ignore_eos", False)),
             questions=qs,
         )
 

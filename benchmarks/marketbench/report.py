@@ -52,6 +52,13 @@ def _p(res: Results, row: str, workload: str, what: str, p: float, bucket: int |
     return percentile((getattr(q, what) for q in qs), p)
 
 
+def tpot(q) -> float | None:
+    """Time per decoded token after the first, from a streamed answer."""
+    if q.ttft_s is None or q.completion_tokens < 2:
+        return None
+    return (q.e2e_s - q.ttft_s) / (q.completion_tokens - 1)
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -82,6 +89,9 @@ def targets(res: Results, traffic: DecodeTraffic | None) -> list[Target]:
             c_hi = percentile((q.context for q in res.select(SESSION_ROW, wl, hi)), 50)
             bound = traffic.ratio(int(c_hi), int(c_lo)) if traffic and c_lo and c_hi else None
             text = f"{_ms(e_hi)} / {_ms(e_lo)} ms = {e_hi / e_lo:.2f}x"
+            d_lo, d_hi = (percentile((tpot(q) for q in res.select(SESSION_ROW, wl, b)), 50) for b in (lo, hi))
+            if d_lo and d_hi:
+                text += f"; per decoded token {_ms(d_hi)} / {_ms(d_lo)} ms = {d_hi / d_lo:.2f}x"
             if bound:
                 text += (f"; memory-traffic bound {bound:.2f}x (weights {traffic.weight_bytes / 1e6:.0f} MB "
                          f"+ {traffic.kv_bytes_per_token / 1e3:.1f} KB per context token per decoded token)")

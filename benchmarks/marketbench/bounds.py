@@ -34,6 +34,12 @@ def decode_traffic(model_dir: str | Path, kv_dtype: str) -> DecodeTraffic:
     cfg = json.loads((model_dir / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     # K and V, per layer, per KV head.
-    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * _DTYPE_BYTES[kv_dtype]
+    kv = (
+        2
+        * cfg["num_hidden_layers"]
+        * cfg["num_key_value_heads"]
+        * head_dim
+        * _DTYPE_BYTES[kv_dtype]
+    )
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return DecodeTraffic(weight_bytes=weights, kv_bytes_per_token=kv)

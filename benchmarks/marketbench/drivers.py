@@ -62,7 +62,9 @@ class Handle:
     session_id: str | None = None
     token: str | None = None
     version: int = 0
-    appended: list[tuple[int, int, float]] = field(default_factory=list)  # (version, tokens, t sent)
+    appended: list[tuple[int, int, float]] = field(
+        default_factory=list
+    )  # (version, tokens, t sent)
     ingested: list[tuple[int, float]] = field(default_factory=list)  # (version, t)
     flash_seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (version, t)
     flash_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -102,7 +104,12 @@ def server_seconds(r: httpx.Response, body: dict[str, Any] | None) -> float | No
         except ValueError:
             pass
     info = (body or {}).get("session") or {}
-    for name, scale in (("server_ms", 1e-3), ("elapsed_ms", 1e-3), ("latency_ms", 1e-3), ("server_s", 1.0)):
+    for name, scale in (
+        ("server_ms", 1e-3),
+        ("elapsed_ms", 1e-3),
+        ("latency_ms", 1e-3),
+        ("server_s", 1.0),
+    ):
         if isinstance(info.get(name), (int, float)):
             return float(info[name]) * scale
     return None
@@ -179,7 +186,12 @@ class Driver:
 
     async def stateless(self, ids: list[int], text: str) -> None:
         """One request of background traffic (no session)."""
-        body = {"model": SERVED_NAME, "prompt": self.prompt(ids, text), "max_tokens": 16, "temperature": 0}
+        body = {
+            "model": SERVED_NAME,
+            "prompt": self.prompt(ids, text),
+            "max_tokens": 16,
+            "temperature": 0,
+        }
         r = await self.http.post("/v1/completions", json=body)
         raise_for(r, "stateless completion")
 
@@ -192,7 +204,9 @@ class FullPromptDriver(Driver):
     has no ``ignore_eos``; a -100 logit bias on its end-of-generation tokens
     (``eog_ids``) makes its answers the same fixed length."""
 
-    def __init__(self, http, qset, clock, row: str, text_prompts: bool = False, eog_ids: tuple[int, ...] = ()):
+    def __init__(
+        self, http, qset, clock, row: str, text_prompts: bool = False, eog_ids: tuple[int, ...] = ()
+    ):
         super().__init__(http, qset, clock)
         self.row, self.text_prompts, self.eog_ids = row, text_prompts, eog_ids
 
@@ -208,7 +222,9 @@ class FullPromptDriver(Driver):
     async def ask(self, h: Handle, ask: Ask, ids: list[int]) -> Answer:
         body = {
             "model": SERVED_NAME,
-            "prompt": self.prompt(h.context_ids + ids, h.context_text + self.qset.prompt(ask.question)),
+            "prompt": self.prompt(
+                h.context_ids + ids, h.context_text + self.qset.prompt(ask.question)
+            ),
             **self.sampling(),
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -274,7 +290,9 @@ class SessionDriver(Driver):
         await super().append(h, step)
         sent = self.clock()  # the lag to ingestion counts from here
         r = await self.http.post(
-            f"/v1/sessions/{h.session_id}/append", json={"token_ids": step.tokens}, headers=h.headers
+            f"/v1/sessions/{h.session_id}/append",
+            json={"token_ids": step.tokens},
+            headers=h.headers,
         )
         raise_for(r, "append")
         h.version = r.json()["version"]
@@ -291,7 +309,9 @@ class SessionDriver(Driver):
             "stream_options": {"include_usage": True},
             "consistency": "latest",
         }
-        answer = await stream_completion(self.http, f"/v1/sessions/{h.session_id}/completions", body, h.headers)
+        answer = await stream_completion(
+            self.http, f"/v1/sessions/{h.session_id}/completions", body, h.headers
+        )
         answer.pending_ingest = pending
         return answer
 
@@ -320,8 +340,7 @@ class FlashDriver(SessionDriver):
 
     def flash_specs(self, plan: SessionPlan) -> list[dict[str, Any]]:
         return [
-            {"prompt": self.qset.prompt(q), **self.sampling(), "id": q.id}
-            for q in plan.questions()
+            {"prompt": self.qset.prompt(q), **self.sampling(), "id": q.id} for q in plan.questions()
         ]
 
     def create_body(self, plan: SessionPlan) -> dict[str, Any]:
@@ -343,10 +362,14 @@ class FlashDriver(SessionDriver):
         if not self.per_route:
             return
         for spec in self.flash_specs(h.plan):
-            r = await self.http.post(f"/v1/sessions/{h.session_id}/flash", json=spec, headers=h.headers)
+            r = await self.http.post(
+                f"/v1/sessions/{h.session_id}/flash", json=spec, headers=h.headers
+            )
             if r.status_code in (404, 405):
                 await self.http.delete(f"/v1/sessions/{h.session_id}", headers=h.headers)
-                raise DriverUnavailable("the server has no flash route (POST /v1/sessions/{id}/flash)")
+                raise DriverUnavailable(
+                    "the server has no flash route (POST /v1/sessions/{id}/flash)"
+                )
             raise_for(r, "register flash")
 
     async def ask(self, h: Handle, ask: Ask, ids: list[int]) -> Answer:
@@ -365,9 +388,15 @@ class FlashDriver(SessionDriver):
             except asyncio.TimeoutError:
                 break
         waited = time.perf_counter() - t0
-        body = {"prompt": self.qset.prompt(ask.question), **self.sampling(), "consistency": "latest"}
+        body = {
+            "prompt": self.qset.prompt(ask.question),
+            **self.sampling(),
+            "consistency": "latest",
+        }
         start = time.perf_counter()
-        r = await self.http.post(f"/v1/sessions/{h.session_id}/completions", json=body, headers=h.headers)
+        r = await self.http.post(
+            f"/v1/sessions/{h.session_id}/completions", json=body, headers=h.headers
+        )
         e2e = time.perf_counter() - start
         raise_for(r, "flash query")
         out = r.json()

@@ -60,7 +60,9 @@ class EngineSpec:
             f"`--n_threads {o.threads}` (the machine's cores; default is half), "
             "`--cache true` (RAM prompt cache, 2 GiB default size, so each session's prompt "
             "stays cached; the last prompt is always reused), `--logits_all false` (the default "
-            "computes vocabulary logits for every prompt token, needed only for logprobs)",
+            "computes vocabulary logits for every prompt token, needed only for logprobs), "
+            "`--interrupt_requests false` (the default cuts a streamed answer short as soon as "
+            "another request waits, so concurrent sessions would get one-token answers)",
             "sglang": "`python -m sglang.launch_server`, radix cache on (default)",
             "trtllm": "`trtllm-serve` (PyTorch backend), KV cache reuse on (default)",
         }[self.key]
@@ -80,7 +82,13 @@ class EngineSpec:
             env = {**vllm_env, "VLLM_STATEFUL_BUDGET_FRACTION": str(o.budget_fraction)}
             return argv + ["serve", o.model_dir] + vllm_flags, env
         if self.key in ("vllm-nopc", "vllm-pc"):
-            argv = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", o.model_dir] + vllm_flags
+            argv = [
+                py,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                o.model_dir,
+            ] + vllm_flags
             if self.key == "vllm-nopc":
                 argv.append("--no-enable-prefix-caching")
             return argv, vllm_env
@@ -90,7 +98,7 @@ class EngineSpec:
                 py, "-m", "llama_cpp.server", "--model", o.gguf_path, *common,
                 "--model_alias", SERVED_NAME, "--n_ctx", str(o.max_model_len),
                 "--n_threads", str(o.threads), "--n_threads_batch", str(o.threads),
-                "--cache", "true", "--logits_all", "false",
+                "--cache", "true", "--logits_all", "false", "--interrupt_requests", "false",
             ], {}  # fmt: skip
         if self.key == "sglang":
             return [
@@ -105,9 +113,23 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     s.key: s
     for s in (
-        EngineSpec("stateful", "vllm-stateful", ("vllm-stateful", "vllm-stateful flash"), "stateful", "/health"),
-        EngineSpec("vllm-nopc", "vLLM, prefix caching off", ("vLLM, prefix caching off",), "openai", "/health"),
-        EngineSpec("vllm-pc", "vLLM, prefix caching on", ("vLLM, prefix caching on",), "openai", "/health"),
+        EngineSpec(
+            "stateful",
+            "vllm-stateful",
+            ("vllm-stateful", "vllm-stateful flash"),
+            "stateful",
+            "/health",
+        ),
+        EngineSpec(
+            "vllm-nopc",
+            "vLLM, prefix caching off",
+            ("vLLM, prefix caching off",),
+            "openai",
+            "/health",
+        ),
+        EngineSpec(
+            "vllm-pc", "vLLM, prefix caching on", ("vLLM, prefix caching on",), "openai", "/health"
+        ),
         EngineSpec("llamacpp", "llama.cpp", ("llama.cpp",), "openai", "/v1/models"),
         EngineSpec("sglang", "SGLang", ("SGLang",), "openai", "/health"),
         EngineSpec("trtllm", "TensorRT-LLM", ("TensorRT-LLM",), "openai", "/health"),
@@ -135,8 +157,10 @@ def unavailable(key: str) -> str | None:
         return None
     if key == "trtllm":
         if not has_cuda():
-            return ("no CUDA device: TensorRT-LLM (1.2.1) is GPU-only, and its PyPI package "
-                    "fetches its real wheel from NVIDIA's index at install time")
+            return (
+                "no CUDA device: TensorRT-LLM (1.2.1) is GPU-only, and its PyPI package "
+                "fetches its real wheel from NVIDIA's index at install time"
+            )
         if shutil.which("trtllm-serve") is None:
             return "tensorrt_llm is not installed (no trtllm-serve on PATH)"
         return None

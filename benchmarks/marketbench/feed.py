@@ -31,7 +31,9 @@ def ticks(path: str | Path | None = None) -> Iterator[Tick]:
         for row in csv.DictReader(f):
             clock = row["DateTime"].split(" ")[-1]
             h, m, s = clock.split(":")
-            yield Tick(clock, int(h) * 3600 + int(m) * 60 + float(s), row["Price"], int(row["Volume"]))
+            yield Tick(
+                clock, int(h) * 3600 + int(m) * 60 + float(s), row["Price"], int(row["Volume"])
+            )
 
 
 def bar_lines(source: Iterator[Tick], seconds: float) -> Iterator[str]:

@@ -55,7 +55,11 @@ def gguf_name(hf_name: str) -> str | None:
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF q/k rows (rotate-half layout) to llama.cpp's interleaved layout,
     as llama.cpp's ``convert_hf_to_gguf.py`` does for Llama."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def export(model_dir: str | Path, source_gguf: str | Path, out: str | Path) -> Path:
@@ -79,8 +83,11 @@ def export(model_dir: str | Path, source_gguf: str | Path, out: str | Path) -> P
     for key, field in reader.fields.items():
         # The writer sets these itself (header, architecture) or they
         # describe the source's quantization.
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type",
-                                              "general.quantization_version"):
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+        ):
             continue
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
@@ -124,8 +131,9 @@ def check_against_source(out: str | Path, source_gguf: str | Path, names: list[s
         x = gguf.quants.dequantize(a[n].data, a[n].tensor_type).astype(np.float32)
         y = gguf.quants.dequantize(b[n].data, b[n].tensor_type).astype(np.float32)
         # The source's Q4_1/Q8_0 values were rounded to bf16 on the way.
-        y = gguf.quants.dequantize(gguf.quants.quantize(y, gguf.GGMLQuantizationType.BF16),
-                                   gguf.GGMLQuantizationType.BF16)
+        y = gguf.quants.dequantize(
+            gguf.quants.quantize(y, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+        )
         worst = max(worst, float(np.abs(x.reshape(y.shape) - y).max()))
     return worst
 

@@ -45,7 +45,9 @@ def workloads(res: Results) -> list[str]:
     return list(dict.fromkeys(q.workload for q in res.queries))
 
 
-def _p(res: Results, row: str, workload: str, what: str, p: float, bucket: int | None = None) -> float | None:
+def _p(
+    res: Results, row: str, workload: str, what: str, p: float, bucket: int | None = None
+) -> float | None:
     qs = res.select(row, workload, bucket)
     if row == FLASH_ROW:
         qs = [q for q in qs if q.flash]
@@ -72,10 +74,15 @@ def targets(res: Results, traffic: DecodeTraffic | None) -> list[Target]:
     bs = buckets(res, wl) if wl else []
     if len(bs) >= 2:
         lo, hi = bs[0], bs[-1]
-        t_lo, t_hi = _p(res, SESSION_ROW, wl, "ttft_s", 50, lo), _p(res, SESSION_ROW, wl, "ttft_s", 50, hi)
+        t_lo, t_hi = (
+            _p(res, SESSION_ROW, wl, "ttft_s", 50, lo),
+            _p(res, SESSION_ROW, wl, "ttft_s", 50, hi),
+        )
         if t_lo and t_hi:
             r = t_hi / t_lo
-            waited = [sum(1 for q in res.select(SESSION_ROW, wl, b) if q.pending_ingest) for b in (lo, hi)]
+            waited = [
+                sum(1 for q in res.select(SESSION_ROW, wl, b) if q.pending_ingest) for b in (lo, hi)
+            ]
             n = [len(res.select(SESSION_ROW, wl, b)) for b in (lo, hi)]
             out.append(Target(
                 f"flat: vllm-stateful TTFT p50 at {_k(hi)} <= 1.25x its p50 at {_k(lo)} ({wl})",
@@ -83,20 +90,34 @@ def targets(res: Results, traffic: DecodeTraffic | None) -> list[Target]:
                 f"ingestion: {waited[1]}/{n[1]} and {waited[0]}/{n[0]})",
                 r <= 1.25,
             ))  # fmt: skip
-        e_lo, e_hi = _p(res, SESSION_ROW, wl, "e2e_s", 50, lo), _p(res, SESSION_ROW, wl, "e2e_s", 50, hi)
+        e_lo, e_hi = (
+            _p(res, SESSION_ROW, wl, "e2e_s", 50, lo),
+            _p(res, SESSION_ROW, wl, "e2e_s", 50, hi),
+        )
         if e_lo and e_hi:
             c_lo = percentile((q.context for q in res.select(SESSION_ROW, wl, lo)), 50)
             c_hi = percentile((q.context for q in res.select(SESSION_ROW, wl, hi)), 50)
             bound = traffic.ratio(int(c_hi), int(c_lo)) if traffic and c_lo and c_hi else None
             text = f"{_ms(e_hi)} / {_ms(e_lo)} ms = {e_hi / e_lo:.2f}x"
-            d_lo, d_hi = (percentile((tpot(q) for q in res.select(SESSION_ROW, wl, b)), 50) for b in (lo, hi))
+            d_lo, d_hi = (
+                percentile((tpot(q) for q in res.select(SESSION_ROW, wl, b)), 50) for b in (lo, hi)
+            )
             if d_lo and d_hi:
                 text += f"; per decoded token {_ms(d_hi)} / {_ms(d_lo)} ms = {d_hi / d_lo:.2f}x"
             if bound:
-                text += (f"; memory-traffic bound {bound:.2f}x (weights {traffic.weight_bytes / 1e6:.0f} MB "
-                         f"+ {traffic.kv_bytes_per_token / 1e3:.1f} KB per context token per decoded token)")
-            out.append(Target(f"end to end at {_k(hi)} vs {_k(lo)} (reported against the bound)", text, None))
-        for row, need, w in ((NO_PC_ROW, 5.0, wl), (PC_ROW, 2.0, "c8" if "c8" in workloads(res) else None)):
+                text += (
+                    f"; memory-traffic bound {bound:.2f}x (weights {traffic.weight_bytes / 1e6:.0f} MB "
+                    f"+ {traffic.kv_bytes_per_token / 1e3:.1f} KB per context token per decoded token)"
+                )
+            out.append(
+                Target(
+                    f"end to end at {_k(hi)} vs {_k(lo)} (reported against the bound)", text, None
+                )
+            )
+        for row, need, w in (
+            (NO_PC_ROW, 5.0, wl),
+            (PC_ROW, 2.0, "c8" if "c8" in workloads(res) else None),
+        ):
             if w is None:
                 out.append(Target(f"vllm-stateful >= {need:g}x faster p50 than {row} at the largest "
                                   "context (c8)", "workload not run", None))  # fmt: skip
@@ -106,7 +127,13 @@ def targets(res: Results, traffic: DecodeTraffic | None) -> list[Target]:
             other = _p(res, row, w, "e2e_s", 50, top)
             name = f"vllm-stateful >= {need:g}x faster p50 than {row} at {_k(top)} ({w})"
             if base and other:
-                out.append(Target(name, f"{_ms(other)} / {_ms(base)} ms = {other / base:.2f}x", other / base >= need))
+                out.append(
+                    Target(
+                        name,
+                        f"{_ms(other)} / {_ms(base)} ms = {other / base:.2f}x",
+                        other / base >= need,
+                    )
+                )
             else:
                 out.append(Target(name, "not measured", None))
     hits = [q for q in res.queries if q.row == FLASH_ROW and q.flash and q.error is None]
@@ -115,8 +142,15 @@ def targets(res: Results, traffic: DecodeTraffic | None) -> list[Target]:
         if server:
             p99, how = percentile(server, 99), "server-side"
         else:
-            p99, how = percentile((q.e2e_s for q in hits), 99), "HTTP round trip on loopback (no server-side time exposed)"
-        out.append(Target("flash hits: p99 under 5 ms", f"{_ms(p99)} ms, {how}, {len(hits)} hits", p99 < 0.005))
+            p99, how = (
+                percentile((q.e2e_s for q in hits), 99),
+                "HTTP round trip on loopback (no server-side time exposed)",
+            )
+        out.append(
+            Target(
+                "flash hits: p99 under 5 ms", f"{_ms(p99)} ms, {how}, {len(hits)} hits", p99 < 0.005
+            )
+        )
     return out
 
 
@@ -138,12 +172,18 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
     for e in res.engines:
         # A runnable engine's reason is about one of its rows (e.g. no flash route).
         sep = " (" if e.status == "ran" else ": "
-        status = e.status if e.reason is None else f"{e.status}{sep}{e.reason}{')' if sep == ' (' else ''}"
+        status = (
+            e.status
+            if e.reason is None
+            else f"{e.status}{sep}{e.reason}{')' if sep == ' (' else ''}"
+        )
         add(f"| {e.label} | {status} | {e.precision or '-'} | {e.configuration or '-'} |")
     add("")
     add("### Workloads")
     add("")
-    add("| workload | sessions | contexts where questions fall (tokens) | questions | background churn |")
+    add(
+        "| workload | sessions | contexts where questions fall (tokens) | questions | background churn |"
+    )
     add("|---|---|---|---|---|")
     for w in m["workloads"]:
         churn = m["churn"] if w["churn"] else "-"
@@ -152,13 +192,21 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
     add("")
     add("### Summary")
     add("")
-    add("Latencies in ms, client-side over HTTP; the ratio compares end-to-end p50 at the largest "
-        "context with vllm-stateful's. Flash rows count hits only.")
+    add(
+        "Latencies in ms, client-side over HTTP; the ratio compares end-to-end p50 at the largest "
+        'context with vllm-stateful\'s. Flash rows count hits only. "Same answer": share of '
+        "answers equal to stock vLLM's (prefix caching off) on the same tokens; in bf16 a "
+        "different prefill split can change low bits and flip a greedy token."
+    )
     add("")
-    add("| workload | engine | answered | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | e2e p50 at largest context "
-        "| vs vllm-stateful | questions/s | peak RSS (GB) | KV tokens pinned | prefix-cache hit rate |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    add(
+        "| workload | engine | answered | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 "
+        "| e2e p50 at largest context | vs vllm-stateful | questions/s | peak RSS (GB) "
+        "| KV tokens pinned | prefix-cache hit rate | same answer |"
+    )
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = {(r.row, r.workload): r for r in res.runs}
+    reference = {q.key: q.text for q in res.select(NO_PC_ROW)}
     for w in workloads(res):
         top = buckets(res, w)[-1]
         base = _p(res, SESSION_ROW, w, "e2e_s", 50, top)
@@ -168,15 +216,28 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
                 continue
             at_top = _p(res, row, w, "e2e_s", 50, top)
             hit = run.prefix_cache_hit_rate
-            add(f"| {w} | {row} | {run.answered}/{run.questions} | {_ms(_p(res, row, w, 'ttft_s', 50))} | "
-                f"{_ms(_p(res, row, w, 'ttft_s', 99))} | {_ms(_p(res, row, w, 'e2e_s', 50))} | "
-                f"{_ms(_p(res, row, w, 'e2e_s', 99))} | {_ms(at_top)} | "
-                f"{'-' if row in (SESSION_ROW, FLASH_ROW) else _ratio(at_top, base)} | "
-                f"{run.answered / run.wall_s:.2f} | {run.peak_rss_bytes / 1e9:.2f} | "
-                f"{'-' if run.pinned_tokens is None else run.pinned_tokens} | "
-                f"{'-' if hit is None else f'{hit:.0%}'} |")  # fmt: skip
-        for row in [e.rows[0] for e in res.engines if e.status != "ran" and e.status != "not selected"]:
-            add(f"| {w} | {row} | not runnable here | | | | | | | | | | |")
+            compared = [q for q in res.select(row, w) if q.key in reference]
+            same = sum(1 for q in compared if q.text == reference[q.key])
+            cells = [
+                w,
+                row,
+                f"{run.answered}/{run.questions}",
+                _ms(_p(res, row, w, "ttft_s", 50)),
+                _ms(_p(res, row, w, "ttft_s", 99)),
+                _ms(_p(res, row, w, "e2e_s", 50)),
+                _ms(_p(res, row, w, "e2e_s", 99)),
+                _ms(at_top),
+                "-" if row in (SESSION_ROW, FLASH_ROW) else _ratio(at_top, base),
+                f"{run.answered / run.wall_s:.2f}",
+                f"{run.peak_rss_bytes / 1e9:.2f}",
+                "-" if run.pinned_tokens is None else str(run.pinned_tokens),
+                "-" if hit is None else f"{hit:.0%}",
+                f"{same}/{len(compared)}" if compared and row != NO_PC_ROW else "-",
+            ]
+            add("| " + " | ".join(cells) + " |")
+        for e in res.engines:
+            if e.status not in ("ran", "not selected"):
+                add(f"| {w} | {e.rows[0]} | {e.status} |" + " |" * 11)
     add("")
     for w in workloads(res):
         bs = buckets(res, w)
@@ -204,12 +265,16 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
     if flash:
         add("### Flash hits")
         add("")
-        add("A question answered from the flash cache: server-side time (vllm-stateful's `Server-Timing` "
-            "header: time in the route handler) and the HTTP round trip on loopback. \"Pushed after\": how "
-            "long the client waited for the pushed answer of the newest version before asking.")
+        add(
+            "A question answered from the flash cache: server-side time (vllm-stateful's `Server-Timing` "
+            'header: time in the route handler) and the HTTP round trip on loopback. "Pushed after": how '
+            "long the client waited for the pushed answer of the newest version before asking."
+        )
         add("")
-        add("| workload | hits / asked | server p50 (ms) | server p99 (ms) | HTTP p50 (ms) | HTTP p99 (ms) "
-            "| pushed after, p50 (ms) |")
+        add(
+            "| workload | hits / asked | server p50 (ms) | server p99 (ms) | HTTP p50 (ms) | HTTP p99 (ms) "
+            "| pushed after, p50 (ms) |"
+        )
         add("|---|---|---|---|---|---|---|")
         for w in workloads(res):
             qs = [q for q in flash if q.workload == w and q.error is None]
@@ -226,8 +291,10 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
     if apps:
         add("### Append to ingested (vllm-stateful)")
         add("")
-        add("From sending an append to the `ingested` event that covers it (appends that pile up are "
-            "coalesced into one ingestion).")
+        add(
+            "From sending an append to the `ingested` event that covers it (appends that pile up are "
+            "coalesced into one ingestion)."
+        )
         add("")
         add("| workload | appends | lag p50 (ms) | lag p99 (ms) | max (ms) | not seen |")
         add("|---|---|---|---|---|---|")
@@ -245,7 +312,9 @@ def markdown(res: Results, traffic: DecodeTraffic | None) -> str:
         add("| target | measured | met |")
         add("|---|---|---|")
         for t in tg:
-            add(f"| {t.name} | {t.measured} | {'-' if t.met is None else ('yes' if t.met else 'no')} |")
+            add(
+                f"| {t.name} | {t.measured} | {'-' if t.met is None else ('yes' if t.met else 'no')} |"
+            )
         add("")
     notes = [f"{r.row} / {r.workload}: {n}" for r in res.runs for n in r.notes]
     if notes:
@@ -265,7 +334,9 @@ def update_readmes(md: str, paths: Sequence[Path], plots: Sequence[Path]) -> lis
             continue
         imgs = "\n".join(f"![{p.stem}]({os.path.relpath(p, path.parent)})" for p in plots)
         block = f"{BEGIN}\n{md}\n{imgs}\n{END}"
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+        text = re.sub(
+            re.escape(BEGIN) + ".*?" + re.escape(END), lambda _, b=block: b, text, flags=re.S
+        )
         path.write_text(text)
         done.append(path)
     return done

@@ -34,7 +34,9 @@ class QueryRecord:
     flash: bool | None = None  # answered from the flash cache
     flash_wait_s: float | None = None  # waited for the flash answer of this version
     server_s: float | None = None  # server-side time (to first token when streamed), if reported
-    pending_ingest: bool | None = None  # sessions: the newest append was not yet ingested when asked
+    pending_ingest: bool | None = (
+        None  # sessions: the newest append was not yet ingested when asked
+    )
     error: str | None = None
 
     @property

@@ -76,7 +76,9 @@ class Churn:
         start = time.perf_counter()
         try:
             await self.driver.stateless(ids, self.tok.decode(ids))
-            self.records.append(ChurnRecord(self.row, self.workload, t, len(ids), time.perf_counter() - start))
+            self.records.append(
+                ChurnRecord(self.row, self.workload, t, len(ids), time.perf_counter() - start)
+            )
         except Exception as exc:  # recorded; churn must not stop the run
             self.records.append(ChurnRecord(self.row, self.workload, t, len(ids), None, repr(exc)))
 
@@ -110,7 +112,9 @@ async def run_workload(
     churner = None
     churn_task = None
     if workload.churn:
-        churner = Churn(driver, churn, tokenizer, f"{seed}-{workload.name}-churn", row, workload.name, clock)
+        churner = Churn(
+            driver, churn, tokenizer, f"{seed}-{workload.name}-churn", row, workload.name, clock
+        )
         churn_task = asyncio.create_task(churner.run())
 
     queries: list[QueryRecord] = []
@@ -137,7 +141,10 @@ async def run_workload(
                 try:
                     a = await driver.ask(h, ask, ids)
                     rec.e2e_s, rec.ttft_s, rec.text = a.e2e_s, a.ttft_s, a.text
-                    rec.completion_tokens, rec.computed_tokens = a.completion_tokens, a.computed_tokens
+                    rec.completion_tokens, rec.computed_tokens = (
+                        a.completion_tokens,
+                        a.computed_tokens,
+                    )
                     rec.flash, rec.flash_wait_s, rec.server_s = a.flash, a.flash_wait_s, a.server_s
                     rec.pending_ingest = a.pending_ingest
                 except Exception as exc:  # recorded with the question; the run goes on
@@ -154,13 +161,20 @@ async def run_workload(
             await churner.stop()
     wall = clock()
     notes: list[str] = []
+    if driver.qset.ignore_eos:
+        short = [q for q in queries if q.error is None and q.completion_tokens < driver.max_tokens]
+        if short:
+            notes.append(f"{len(short)} answers shorter than {driver.max_tokens} tokens")
     if isinstance(driver, FullPromptDriver) and driver.text_prompts:
         last = _last_ask(handles[0])
         if last is not None:
             ok = await driver.text_tokens_match(handles[0], last, question_ids[last.question.id])
             if ok is not None:
-                notes.append("server tokenization of the text prompts equals the token log"
-                             if ok else "server tokenizes the text prompts differently from the token log")
+                notes.append(
+                    "server tokenization of the text prompts equals the token log"
+                    if ok
+                    else "server tokenizes the text prompts differently from the token log"
+                )
     stats = await asyncio.gather(*(driver.close(h) for h in handles))
     after = await prefix_cache_counters(http)
 
@@ -190,8 +204,12 @@ async def run_workload(
         notes=notes,
     )
     if before is not None and after is not None:
-        run.prefix_cache_queries = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
-        run.prefix_cache_hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+        run.prefix_cache_queries = (
+            after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
+        )
+        run.prefix_cache_hits = (
+            after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+        )
     results.runs.append(run)
     return run
 

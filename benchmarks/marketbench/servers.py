@@ -74,7 +74,9 @@ class MemorySampler:
 
 
 class Server:
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, health_path: str, log_path: Path):
+    def __init__(
+        self, argv: list[str], env: dict[str, str], port: int, health_path: str, log_path: Path
+    ):
         self.argv, self.port, self.health_path, self.log_path = argv, port, health_path, log_path
         self.env = {**os.environ, **env}
         self.base_url = f"http://127.0.0.1:{port}"

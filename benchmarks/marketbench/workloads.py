@@ -138,7 +138,9 @@ def plan_workload(
                 context += len(chunk)
             q = rng.choice(qset.questions)
             steps[-1].asks.append(Ask(q, bucket, rng.random()))
-        plans.append(SessionPlan(i, prefix_text, list(prefix), steps, interval, interval * i / w.sessions))
+        plans.append(
+            SessionPlan(i, prefix_text, list(prefix), steps, interval, interval * i / w.sessions)
+        )
     return plans
 
 

@@ -408,7 +408,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "data": f"{source}, {'%gs bars' % feed.bar_seconds if feed.bar_seconds else 'one line per trade'}, "
         f"{feed.tick_rate:g} lines/s over all sessions, {feed.ticks_per_append} lines per append; "
         f"{len(qset.questions)} questions ({', '.join(sorted({q.kind for q in qset.questions}))}), "
-        f"greedy, {qset.max_tokens} tokens max; seed {args.seed}",
+        f"greedy, {'exactly' if qset.ignore_eos else 'at most'} {qset.max_tokens} tokens; seed {args.seed}",
         "churn": f"random {args.churn_tokens}-token prompts, Poisson arrivals every {args.churn_interval:g} s "
         f"on average, at most {args.churn.max_inflight} in flight",
         "started": dt.datetime.now().isoformat(timespec="seconds"),

@@ -237,7 +237,7 @@ def main() -> None:
     finally:
         server.stop()
     md = markdown(res, args)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"args": vars(args), **res}, indent=1, default=str))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "base_url")}, **res}, indent=1, default=str))
     Path(args.out).with_suffix(".md").write_text(md + "\n")
     log.unlink(missing_ok=True)
     print(md)

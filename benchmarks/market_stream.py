@@ -426,7 +426,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "args": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("churn", "feed")
+            if k not in ("churn", "feed", "out")
         },  # fmt: skip
         "traffic": {
             "weight_bytes": traffic.weight_bytes,

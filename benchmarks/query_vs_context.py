@@ -244,7 +244,7 @@ async def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps({"args": {k: v for k, v in vars(args).items()}, "points": [asdict(p) for p in points]}, indent=1)
+        json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "model_path")}, "points": [asdict(p) for p in points]}, indent=1)
     )
     out.with_suffix(".md").write_text(md + "\n")
     print(md)

@@ -286,6 +286,7 @@ class StatefulEngine:
         hit = None if commit else self._flash_hit(session, prompt_ids, params, version)
         if hit is not None:
             return hit
+        self.flash.preempt()
         out = await self._final(session, prompt_ids, params, Op.QUERY)
         result = self._result(out, version, prompt_ids)
         metrics.QUERIES.labels("engine").inc()
@@ -313,6 +314,7 @@ class StatefulEngine:
             yield hit
             return
         metrics.QUERIES.labels("engine").inc()
+        self.flash.preempt()
         async for out in self._generate(session.key, prompt_ids, params, Op.QUERY):
             result = self._result(out, version, prompt_ids)
             if result.finish_reason is not None:
@@ -563,6 +565,8 @@ class StatefulEngine:
             if not prompt_ids:  # an empty session has nothing to compute or pin
                 await self._mark_ingested(session, target)
                 continue
+            # The new version supersedes what running evaluations look at.
+            self.flash.preempt()
             try:
                 out = await self._final(session, prompt_ids, params, Op.APPEND)
             except asyncio.CancelledError:

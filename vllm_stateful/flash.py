@@ -92,7 +92,8 @@ class FlashScheduler:
     poll_s: float = 0.005
     _ready: deque = field(default_factory=deque)  # sessions with dirty queries
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _running: set[asyncio.Task] = field(default_factory=set)
+    # Running evaluations and what they evaluate, so they can be preempted.
+    _running: dict[asyncio.Task, tuple[Session, str]] = field(default_factory=dict)
     _task: asyncio.Task | None = None
 
     def notify(self, session: Session, flash_ids: list[str] | None = None) -> None:
@@ -107,6 +108,15 @@ class FlashScheduler:
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
+
+    def preempt(self) -> None:
+        """Foreground work arrived: cancel running evaluations (their engine
+        requests are aborted) and mark them dirty again, so they rerun, on
+        the newest version, in the next idle time instead of sharing engine
+        steps with the foreground."""
+        for task, (session, flash_id) in list(self._running.items()):
+            task.cancel()
+            self.notify(session, [flash_id])
 
     def stop(self) -> None:
         for task in [self._task, *self._running]:
@@ -129,8 +139,8 @@ class FlashScheduler:
             if flash_id is None:
                 continue
             task = asyncio.create_task(self.evaluate(session, session.flash[flash_id]))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running[task] = (session, flash_id)
+            task.add_done_callback(lambda t: self._running.pop(t, None))
 
     def _next(self, session: Session) -> str | None:
         """Pop one dirty query of the session; requeue the session at the

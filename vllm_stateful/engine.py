@@ -73,6 +73,24 @@ class EngineKVStats:
     pinned_blocks: int
 
 
+def _own_params(params: SamplingParams | None) -> SamplingParams:
+    """A private copy of a caller's sampling parameters (default: greedy,
+    16 tokens); the engine sets output kind and tags on it."""
+    if params is None:
+        return SamplingParams(temperature=0.0, max_tokens=16)
+    if not isinstance(params, SamplingParams):
+        raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
+    return params.clone()
+
+
+def _one_token() -> SamplingParams:
+    """Parameters of ingest and control requests: their prompt is the work,
+    the one sampled token is discarded."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
+
+
 def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
     """``AsyncEngineArgs`` with the session connector and prefix caching on."""
     kwargs.setdefault("enable_prefix_caching", True)
@@ -287,7 +305,7 @@ class StatefulEngine:
         if hit is not None:
             return hit
         self.flash.preempt()
-        out = await self._final(session, prompt_ids, params, Op.QUERY)
+        out = await self._final(session.key, prompt_ids, params, Op.QUERY)
         result = self._result(out, version, prompt_ids)
         metrics.QUERIES.labels("engine").inc()
         metrics.QUERY_COMPUTED_TOKENS.inc(result.computed_tokens)
@@ -344,8 +362,7 @@ class StatefulEngine:
         session = self._get(session_id)
         if consistency not in CONSISTENCY:
             raise InvalidInputError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
-        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
-            raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
+        params = _own_params(sampling_params)
         question = self.encode(prompt)
         target = session.version if consistency == "latest" else 0
         if session.ingested_version < target:
@@ -353,7 +370,6 @@ class StatefulEngine:
         version = session.ingested_version
         prompt_ids = session.tokens_at(version) + question
         self._check_fits(session_id, len(prompt_ids))
-        params = (sampling_params or SamplingParams(temperature=0.0, max_tokens=16)).clone()
         params.output_kind = output_kind
         session.touch()
         return session, version, prompt_ids, params
@@ -400,9 +416,7 @@ class StatefulEngine:
         flash_id: str | None = None,
         only_changed: bool = False,
     ) -> FlashQuery:
-        params = sampling_params or SamplingParams(temperature=0.0, max_tokens=16)
-        if not isinstance(params, SamplingParams):
-            raise InvalidInputError("sampling_params must be a vllm.SamplingParams")
+        params = _own_params(sampling_params)
         check_cacheable(params)
         if flash_id is not None and (not isinstance(flash_id, str) or not flash_id):
             raise InvalidInputError("flash id must be a non-empty string")
@@ -410,7 +424,7 @@ class StatefulEngine:
             id=flash_id or uuid.uuid4().hex[:12],
             prompt=prompt if isinstance(prompt, str) else list(prompt),
             token_ids=self.encode(prompt),
-            params=params.clone(),
+            params=params,
             only_changed=bool(only_changed),
         )
 
@@ -468,7 +482,7 @@ class StatefulEngine:
         params.logprobs = 0  # the sampled token's logprob, for the confidence
         self._flash_inflight += 1
         try:
-            out = await self._final(session, prompt_ids, params, Op.QUERY)
+            out = await self._final(session.key, prompt_ids, params, Op.QUERY)
         except Exception:
             return  # the next version retries; foreground paths report errors
         finally:
@@ -559,8 +573,6 @@ class StatefulEngine:
         everything appended meanwhile."""
         while not session.closed and session.ingested_version < session.version:
             target = session.version
-            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-            params.output_kind = RequestOutputKind.FINAL_ONLY
             prompt_ids = session.tokens_at(target)
             if not prompt_ids:  # an empty session has nothing to compute or pin
                 await self._mark_ingested(session, target)
@@ -568,9 +580,7 @@ class StatefulEngine:
             # The new version supersedes what running evaluations look at.
             self.flash.preempt()
             try:
-                out = await self._final(session, prompt_ids, params, Op.APPEND)
-            except asyncio.CancelledError:
-                raise
+                out = await self._final(session.key, prompt_ids, _one_token(), Op.APPEND)
             except Exception as exc:  # surfaced to waiters; the log is kept
                 session.ingest_error = exc
                 async with session.changed:
@@ -594,10 +604,10 @@ class StatefulEngine:
         self.flash.notify(session)
 
     async def _final(
-        self, session: Session, prompt_ids: list[int], params: SamplingParams, op: Op
+        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
     ) -> RequestOutput:
         final = None
-        async for out in self._generate(session.key, prompt_ids, params, op):
+        async for out in self._generate(key, prompt_ids, params, op):
             final = out
         assert final is not None and final.finished
         return final
@@ -611,12 +621,8 @@ class StatefulEngine:
         return self.engine.generate(prompt, params, request_id)
 
     async def _control(self, key: str, op: Op) -> EngineReport:
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        final = None
-        async for out in self._generate(key, list(self._control_prompt), params, op):
-            final = out
-        report = EngineReport.from_params(final.kv_transfer_params if final else None)
+        final = await self._final(key, list(self._control_prompt), _one_token(), op)
+        report = EngineReport.from_params(final.kv_transfer_params)
         assert report is not None, "the session connector did not answer"
         return report
 

@@ -105,9 +105,8 @@ class Session:
             tokens=len(self.tokens),
             version=self.version,
             ingested_version=self.ingested_version,
-            pending=self.version - max(self.ingested_version, 0)
-            if self.ingested_version >= 0
-            else self.version + 1,
+            # ingested_version is -1 before the prefix is in: all pending.
+            pending=self.version - self.ingested_version,
             pinned_tokens=self.pinned_tokens,
             ingest_requests=self.ingest_requests,
             ingest_computed_tokens=self.ingest_computed_tokens,

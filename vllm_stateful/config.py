@@ -53,6 +53,6 @@ def connector_config() -> dict:
     """The ``kv_transfer_config`` that loads the session connector."""
     return {
         "kv_connector": "StatefulConnector",
-        "kv_connector_module_path": "vllm_stateful.connector",
+        "kv_connector_module_path": "vllm_stateful.kv.connector",
         "kv_role": "kv_both",
     }

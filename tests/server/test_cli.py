@@ -31,10 +31,10 @@ def test_prepare_sets_connector_prefix_caching_and_model(parse):
     args = prepare_args(parse("some/model", "--block-size", "32"))
     assert args.model == "some/model"
     assert args.kv_transfer_config.kv_connector == "StatefulConnector"
-    assert args.kv_transfer_config.kv_connector_module_path == "vllm_stateful.connector"
+    assert args.kv_transfer_config.kv_connector_module_path == "vllm_stateful.kv.connector"
     assert args.kv_transfer_config.kv_role == "kv_both"
     assert args.enable_prefix_caching is True and args.api_server_count == 1
-    same = '{"kv_connector": "StatefulConnector", "kv_connector_module_path": "vllm_stateful.connector", "kv_role": "kv_both"}'
+    same = '{"kv_connector": "StatefulConnector", "kv_connector_module_path": "vllm_stateful.kv.connector", "kv_role": "kv_both"}'
     assert (
         prepare_args(parse("m", "--kv-transfer-config", same)).kv_transfer_config.kv_connector
         == "StatefulConnector"

@@ -19,7 +19,7 @@ from vllm_stateful.server.schemas import TOKEN_HEADER
 
 if TYPE_CHECKING:
     from vllm_stateful.engine import StatefulEngine
-    from vllm_stateful.session import Session
+    from vllm_stateful.engine.session import Session
 
 
 def presented_tokens(request: Request) -> list[str]:

@@ -57,7 +57,7 @@ class StatefulEndpointPlugin:
                 "the 'stateful' endpoint plugin needs the session KV connector: start "
                 "the server with `vllm-stateful serve MODEL ...`, or pass "
                 '--kv-transfer-config \'{"kv_connector": "StatefulConnector", '
-                '"kv_connector_module_path": "vllm_stateful.connector", '
+                '"kv_connector_module_path": "vllm_stateful.kv.connector", '
                 '"kv_role": "kv_both"}\''
             )
         engine = StatefulEngine(engine_client)

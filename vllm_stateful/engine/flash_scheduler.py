@@ -1,5 +1,5 @@
-"""Flash queries: registered questions re-answered after every ingested
-version, in idle engine time, and pushed before anyone asks.
+"""When flash evaluations run: after every ingested version, in idle engine
+time.
 
 Per (session, flash query) there is at most one pending evaluation, always on
 the newest ingested version when it starts: versions that arrive while it
@@ -10,76 +10,15 @@ turns (round robin), so many sessions share the idle time fairly.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-from vllm import SamplingParams
-
-from vllm_stateful.errors import InvalidInputError
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 if TYPE_CHECKING:
-    from vllm_stateful.session import Session
+    from vllm_stateful.engine.flash import FlashQuery
+    from vllm_stateful.engine.session import Session
 
-# The sampling settings that decide an answer: a query hits a flash query's
-# cache only if all of them are equal.
-_KEY_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
-    "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output",
-)
-
-
-def params_key(params: SamplingParams) -> tuple:
-    return tuple(
-        tuple(v) if isinstance(v, list) else v
-        for v in (getattr(params, name) for name in _KEY_FIELDS)
-    )
-
-
-def check_cacheable(params: SamplingParams) -> None:
-    """A cached answer must be the answer: sampling needs a seed."""
-    if params.temperature > 0 and params.seed is None:
-        raise InvalidInputError(
-            "flash queries need deterministic sampling: use temperature 0 "
-            "(greedy) or set a seed"
-        )
-    if params.n != 1:
-        raise InvalidInputError("flash queries produce one answer (n must be 1)")
-
-
-def confidence(token_ids: list[int], logprobs: Any) -> float:
-    """Geometric-mean probability of the answer's tokens, in [0, 1]: 1.0
-    when the model was certain of every token it produced."""
-    if not token_ids or not logprobs:
-        return 0.0
-    total = sum(step[tok].logprob for tok, step in zip(token_ids, logprobs))
-    return math.exp(total / len(token_ids))
-
-
-@dataclass(frozen=True)
-class FlashQuery:
-    id: str
-    prompt: str | list[int]  # as registered
-    token_ids: list[int]  # the question's tokens
-    params: SamplingParams
-    only_changed: bool = False  # push only answers that differ from the last
-
-
-@dataclass(frozen=True)
-class FlashResult:
-    flash_id: str
-    version: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    confidence: float
-    computed_at: float  # wall clock, seconds
-    changed: bool  # text differs from the previous version's answer
-
-
-Evaluate = Callable[["Session", FlashQuery], Awaitable[None]]
+Evaluate = Callable[["Session", "FlashQuery"], Awaitable[None]]
 
 
 @dataclass

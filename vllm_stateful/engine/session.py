@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vllm_stateful.flash import FlashQuery, FlashResult
+    from vllm_stateful.engine.flash import FlashQuery, FlashResult
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from vllm_stateful.pins import PinTable
+from vllm_stateful.kv.pins import PinTable
 from vllm_stateful.protocol import EngineReport, Op, RequestTag
 
 if TYPE_CHECKING:

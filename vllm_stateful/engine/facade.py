@@ -1,0 +1,283 @@
+"""StatefulEngine: the public, async session API over vLLM's ``AsyncLLM``.
+
+A thin facade: admission and lifecycle live in ``registry``, ingestion in
+``ingest``, questions in ``query``, flash queries in ``flash``, and what is
+sent to vLLM in ``rpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+from vllm_stateful import metrics
+from vllm_stateful.config import StatefulConfig, connector_config
+from vllm_stateful.engine.budget import Budget
+from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
+from vllm_stateful.engine.ingest import Ingestor
+from vllm_stateful.engine.query import Querier
+from vllm_stateful.engine.registry import SessionRegistry
+from vllm_stateful.engine.result import EngineKVStats, QueryResult
+from vllm_stateful.engine.rpc import EngineRPC
+from vllm_stateful.engine.session import Session, SessionStats
+from vllm_stateful.errors import InvalidInputError, SessionClosedError
+from vllm_stateful.protocol import Op
+
+Data = str | Sequence[int]
+
+
+def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
+    """``AsyncEngineArgs`` with the session connector and prefix caching on."""
+    kwargs.setdefault("enable_prefix_caching", True)
+    kwargs["kv_transfer_config"] = connector_config()
+    return AsyncEngineArgs(**kwargs)
+
+
+class StatefulEngine:
+    """Async session API over a running vLLM engine client.
+
+    Build it with :meth:`from_engine_args`, or wrap an existing ``AsyncLLM``
+    whose ``kv_transfer_config`` loads ``vllm_stateful.kv.connector``.
+    """
+
+    def __init__(self, engine: Any, config: StatefulConfig | None = None):
+        self.engine = engine
+        self.config = config or StatefulConfig.from_env()
+        vcfg = engine.vllm_config
+        kv = vcfg.kv_transfer_config
+        if kv is None or kv.kv_connector != "StatefulConnector":
+            raise ValueError(
+                "the engine must load the session connector: build it with "
+                "vllm_stateful.stateful_engine_args(...)"
+            )
+        self.tokenizer = engine.get_tokenizer()
+        self.block_size: int = vcfg.cache_config.block_size
+        self.num_blocks: int = vcfg.cache_config.num_gpu_blocks
+        self.max_model_len: int = vcfg.model_config.max_model_len
+        self.vocab_size: int = vcfg.model_config.get_vocab_size()
+        limit = self.config.budget_tokens
+        if limit is None:
+            limit = int(self.config.budget_fraction * self.num_blocks) * self.block_size
+        self.budget = Budget(limit_tokens=limit, block_size=self.block_size)
+        self.rpc = EngineRPC(engine)
+        self.registry = SessionRegistry(self.config, self.budget, self.rpc, self.max_model_len)
+        self.flash = FlashBook(self.config, self.registry, self.rpc, self.encode)
+        self.ingestor = Ingestor(
+            self.rpc,
+            on_new_version=self.flash.scheduler.preempt,
+            on_ingested=self.flash.scheduler.notify,
+        )
+        self.queries = Querier(self.registry, self.rpc, self.flash, self.encode, self.wait_ingested)
+        metrics.bind(self)
+
+    @classmethod
+    def from_engine_args(
+        cls, engine_args: AsyncEngineArgs, config: StatefulConfig | None = None
+    ) -> StatefulEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if engine_args.kv_transfer_config is None:
+            engine_args.kv_transfer_config = connector_config()
+        return cls(AsyncLLM.from_engine_args(engine_args), config)
+
+    def shutdown(self) -> None:
+        self.registry.stop()
+        self.flash.scheduler.stop()
+        self.engine.shutdown()
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """Open sessions by id (read only)."""
+        return self.registry.sessions
+
+    # ----------------------------------------------------------------- sessions
+
+    async def create_session(
+        self,
+        prefix: Data = "",
+        session_id: str | None = None,
+        ttl_s: float | None = None,
+        flash: Sequence[dict[str, Any]] = (),
+    ) -> Session:
+        """Open a session whose version 0 is ``prefix``; returns once the
+        prefix is ingested (pinned). ``flash`` holds keyword arguments for
+        :meth:`register_flash`, registered atomically with the session."""
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise InvalidInputError("session_id must be a non-empty string")
+        session_id = session_id or uuid.uuid4().hex
+        if isinstance(prefix, str):
+            tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
+        else:
+            tokens = self._check_token_ids(prefix, allow_empty=True)
+        self.registry.check_new(session_id, len(tokens), ttl_s)
+        flash_queries = [self.flash.make(**spec) for spec in flash]
+        self.flash.check_room(len(flash_queries), 0)
+        session = Session(
+            id=session_id,
+            key=uuid.uuid4().hex,
+            access_token=secrets.token_urlsafe(24),
+            tokens=tokens,
+            ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
+        )
+        session.flash = {fq.id: fq for fq in flash_queries}
+        self.registry.add(session)
+        self.ingestor.kick(session)
+        await self.wait_ingested(session_id, 0)
+        return session
+
+    async def append(self, session_id: str, data: Data) -> int:
+        """Append text or token ids; returns the new version at once.
+
+        Ingestion runs in the background, in order; appends that arrive while
+        one is ingested are coalesced into the next engine request.
+        """
+        session = self.registry.get(session_id)
+        token_ids = self.encode(data)
+        self.registry.check_grow(session_id, len(session.tokens) + len(token_ids))
+        version = session.extend(token_ids)
+        session.touch()
+        self.ingestor.kick(session)
+        return version
+
+    async def wait_ingested(
+        self, session_id: str, version: int | None = None, timeout: float | None = None
+    ) -> int:
+        """Wait until ``version`` (default: the latest) is ingested; returns
+        the ingested version."""
+        session = self.registry.get(session_id)
+        target = session.version if version is None else version
+        if not 0 <= target <= session.version:
+            raise InvalidInputError(f"version {target} does not exist (latest {session.version})")
+
+        async def done() -> int:
+            async with session.changed:
+                await session.changed.wait_for(
+                    lambda: session.ingested_version >= target
+                    or session.closed
+                    or session.ingest_error is not None
+                )
+            if session.ingested_version >= target:
+                return session.ingested_version
+            if session.closed:
+                raise SessionClosedError(f"session '{session_id}' was {session.closed_reason}")
+            raise RuntimeError(f"ingestion failed: {session.ingest_error!r}")
+
+        return await asyncio.wait_for(done(), timeout)
+
+    async def close_session(self, session_id: str, reason: str = "closed") -> None:
+        """Close the session and release its pinned KV."""
+        await self.registry.close(session_id, reason)
+
+    def get_session(self, session_id: str) -> SessionStats:
+        return self.registry.get(session_id).stats()
+
+    def list_sessions(self) -> list[SessionStats]:
+        return [s.stats() for s in self.registry.sessions.values()]
+
+    def subscribe(self, session_id: str) -> asyncio.Queue:
+        """A queue of this session's ``SessionEvent``s; ``unsubscribe`` it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.registry.get(session_id).subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, session_id: str, queue: asyncio.Queue) -> None:
+        session = self.registry.sessions.get(session_id)
+        if session is not None:
+            session.subscribers.discard(queue)
+
+    async def kv_stats(self) -> EngineKVStats:
+        """Block-pool figures from the engine (a one-token probe request)."""
+        report = await self.rpc.control("probe-" + uuid.uuid4().hex, Op.PROBE)
+        return EngineKVStats(
+            report.free_blocks, report.total_blocks, report.block_size, report.pinned_blocks
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    async def query(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        consistency: str = "ingested",
+        commit: bool = False,
+    ) -> QueryResult:
+        """Answer ``prompt`` after the session's context. The session is not
+        changed unless ``commit`` is set, which appends question and answer."""
+        result = None
+        async for result in self.queries.run(
+            session_id, prompt, sampling_params, consistency, stream=False, allow_flash=not commit
+        ):
+            pass
+        assert result is not None
+        if commit:
+            committed = await self.append(session_id, self.encode(prompt) + result.token_ids)
+            result = dataclasses.replace(result, committed_version=committed)
+        return result
+
+    def query_stream(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        consistency: str = "ingested",
+    ) -> AsyncIterator[QueryResult]:
+        """Like :meth:`query`, yielding the answer as it is generated (a
+        flash hit arrives whole, as one result)."""
+        return self.queries.run(session_id, prompt, sampling_params, consistency, stream=True)
+
+    # -------------------------------------------------------------------- flash
+
+    async def register_flash(
+        self,
+        session_id: str,
+        prompt: Data,
+        sampling_params: SamplingParams | None = None,
+        flash_id: str | None = None,
+        only_changed: bool = False,
+    ) -> FlashQuery:
+        """Register a question to be answered after every ingested version.
+
+        Its answers are cached (see :meth:`query`) and pushed as ``flash``
+        events. Sampling must be deterministic (greedy, or seeded)."""
+        session = self.registry.get(session_id)
+        fq = self.flash.make(prompt, sampling_params, flash_id, only_changed)
+        self.flash.register(session, fq)
+        return fq
+
+    def list_flash(self, session_id: str) -> list[tuple[FlashQuery, FlashResult | None]]:
+        session = self.registry.get(session_id)
+        return [(fq, session.flash_results.get(fid)) for fid, fq in session.flash.items()]
+
+    def drop_flash(self, session_id: str, flash_id: str) -> None:
+        self.flash.drop(self.registry.get(session_id), flash_id)
+
+    # ------------------------------------------------------------------- tokens
+
+    def encode(self, data: Data) -> list[int]:
+        """Token ids of an append or a question: text is tokenized without
+        special tokens (it continues the session's token log); token ids are
+        checked against the vocabulary."""
+        if isinstance(data, str):
+            if not data:
+                raise InvalidInputError("text must not be empty")
+            return self.tokenizer.encode(data, add_special_tokens=False)
+        return self._check_token_ids(data, allow_empty=False)
+
+    def _check_token_ids(self, data: Any, allow_empty: bool) -> list[int]:
+        if not isinstance(data, (list, tuple)):
+            raise InvalidInputError("expected text (str) or a list of token ids")
+        if not data and not allow_empty:
+            raise InvalidInputError("token_ids must not be empty")
+        for t in data:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise InvalidInputError(
+                    f"invalid token id {t!r}: token ids are integers in [0, {self.vocab_size})"
+                )
+        return list(data)

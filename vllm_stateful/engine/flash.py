@@ -1,0 +1,229 @@
+"""Flash queries: registered questions re-answered after every ingested
+version and pushed before anyone asks; asking one is a cache hit.
+
+``FlashBook`` registers and drops them, runs one evaluation (when the
+``FlashScheduler`` says so) and serves cache hits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from vllm_stateful import metrics
+from vllm_stateful.config import StatefulConfig
+from vllm_stateful.engine.flash_scheduler import FlashScheduler
+from vllm_stateful.engine.registry import SessionRegistry
+from vllm_stateful.engine.result import QueryResult
+from vllm_stateful.engine.rpc import EngineRPC, own_params
+from vllm_stateful.engine.session import Session, SessionEvent
+from vllm_stateful.errors import BudgetExceededError, InvalidInputError
+from vllm_stateful.protocol import Op
+
+# The sampling settings that decide an answer: a query hits a flash query's
+# cache only if all of them are equal.
+_KEY_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
+    "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output",
+)
+
+
+def params_key(params: SamplingParams) -> tuple:
+    return tuple(
+        tuple(v) if isinstance(v, list) else v
+        for v in (getattr(params, name) for name in _KEY_FIELDS)
+    )
+
+
+def check_cacheable(params: SamplingParams) -> None:
+    """A cached answer must be the answer: sampling needs a seed."""
+    if params.temperature > 0 and params.seed is None:
+        raise InvalidInputError(
+            "flash queries need deterministic sampling: use temperature 0 "
+            "(greedy) or set a seed"
+        )
+    if params.n != 1:
+        raise InvalidInputError("flash queries produce one answer (n must be 1)")
+
+
+def confidence(token_ids: list[int], logprobs: Any) -> float:
+    """Geometric-mean probability of the answer's tokens, in [0, 1]: 1.0
+    when the model was certain of every token it produced."""
+    if not token_ids or not logprobs:
+        return 0.0
+    total = sum(step[tok].logprob for tok, step in zip(token_ids, logprobs))
+    return math.exp(total / len(token_ids))
+
+
+@dataclass(frozen=True)
+class FlashQuery:
+    id: str
+    prompt: str | list[int]  # as registered
+    token_ids: list[int]  # the question's tokens
+    params: SamplingParams
+    only_changed: bool = False  # push only answers that differ from the last
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    flash_id: str
+    version: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    confidence: float
+    computed_at: float  # wall clock, seconds
+    changed: bool  # text differs from the previous version's answer
+
+
+class FlashBook:
+    def __init__(
+        self,
+        config: StatefulConfig,
+        registry: SessionRegistry,
+        rpc: EngineRPC,
+        encode: Callable[[Any], list[int]],
+    ):
+        self.config = config
+        self.registry = registry
+        self.rpc = rpc
+        self.encode = encode
+        self._inflight = 0
+        self.scheduler = FlashScheduler(
+            evaluate=self._evaluate, is_idle=self._engine_idle,
+            concurrency=config.flash_concurrency,
+        )
+
+    # ------------------------------------------------------------ registration
+
+    def make(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams | None = None,
+        flash_id: str | None = None,
+        only_changed: bool = False,
+    ) -> FlashQuery:
+        params = own_params(sampling_params)
+        check_cacheable(params)
+        if flash_id is not None and (not isinstance(flash_id, str) or not flash_id):
+            raise InvalidInputError("flash id must be a non-empty string")
+        return FlashQuery(
+            id=flash_id or uuid.uuid4().hex[:12],
+            prompt=prompt if isinstance(prompt, str) else list(prompt),
+            token_ids=self.encode(prompt),
+            params=params,
+            only_changed=bool(only_changed),
+        )
+
+    def check_room(self, adding: int, in_session: int) -> None:
+        cap = self.config.max_flash_per_session
+        if in_session + adding > cap:
+            raise BudgetExceededError(f"too many flash queries for one session (max {cap})")
+        if self.registry.flash_count() + adding > self.config.max_flash_total:
+            raise BudgetExceededError(
+                f"too many flash queries on this server (max {self.config.max_flash_total})"
+            )
+
+    def register(self, session: Session, fq: FlashQuery) -> None:
+        if fq.id in session.flash:
+            raise InvalidInputError(
+                f"flash query '{fq.id}' already exists in session '{session.id}'"
+            )
+        self.check_room(1, len(session.flash))
+        session.flash[fq.id] = fq
+        if session.ingested_version >= 0:
+            self.scheduler.notify(session, [fq.id])
+
+    def drop(self, session: Session, flash_id: str) -> None:
+        if session.flash.pop(flash_id, None) is None:
+            raise InvalidInputError(f"no flash query '{flash_id}' in session '{session.id}'")
+        session.flash_results.pop(flash_id, None)
+        session.flash_dirty.discard(flash_id)
+
+    # -------------------------------------------------------------------- hits
+
+    def hit(
+        self, session: Session, prompt_ids: list[int], params: SamplingParams, version: int
+    ) -> QueryResult | None:
+        """The cached answer of a flash query with this question and these
+        sampling settings on ``version``, if there is one."""
+        question = prompt_ids[session.lengths[version]:]
+        key = params_key(params)
+        for fid, fq in session.flash.items():
+            hit = session.flash_results.get(fid)
+            if (
+                hit is not None
+                and hit.version == version
+                and fq.token_ids == question
+                and params_key(fq.params) == key
+            ):
+                metrics.QUERIES.labels("flash_cache").inc()
+                return QueryResult(
+                    text=hit.text,
+                    token_ids=list(hit.token_ids),
+                    version=hit.version,
+                    prompt_tokens=len(prompt_ids),
+                    computed_tokens=0,
+                    finish_reason=hit.finish_reason,
+                    flash=True,
+                    computed_at=hit.computed_at,
+                )
+        return None
+
+    # ------------------------------------------------------------- evaluation
+
+    def _engine_idle(self) -> bool:
+        # Counts every request of this API process, stateless OpenAI traffic
+        # included: flash work waits for all of it.
+        return self.rpc.unfinished() <= self._inflight
+
+    async def _evaluate(self, session: Session, fq: FlashQuery) -> None:
+        version = session.ingested_version
+        prompt_ids = session.tokens_at(version) + fq.token_ids
+        if len(prompt_ids) >= self.registry.max_model_len or session.closed:
+            return
+        params = fq.params.clone()
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params.logprobs = 0  # the sampled token's logprob, for the confidence
+        self._inflight += 1
+        try:
+            out = await self.rpc.final(session.key, prompt_ids, params, Op.QUERY)
+        except Exception:
+            return  # the next version retries; foreground paths report errors
+        finally:
+            self._inflight -= 1
+        metrics.FLASH_EVALUATIONS.inc()
+        completion = out.outputs[0]
+        previous = session.flash_results.get(fq.id)
+        # Evaluations may finish out of order; versions only move forward.
+        if session.closed or fq.id not in session.flash or (
+            previous is not None and previous.version >= version
+        ):
+            return
+        result = FlashResult(
+            flash_id=fq.id,
+            version=version,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            confidence=confidence(list(completion.token_ids), completion.logprobs),
+            computed_at=time.time(),
+            changed=previous is None or previous.text != completion.text,
+        )
+        session.flash_results[fq.id] = result
+        if result.changed or not fq.only_changed:
+            session.publish(SessionEvent("flash", version, {
+                "flash_id": fq.id,
+                "text": result.text,
+                "token_ids": result.token_ids,
+                "confidence": result.confidence,
+                "computed_at": result.computed_at,
+                "changed": result.changed,
+            }))

@@ -1,0 +1,30 @@
+"""What a session question returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """An answer; from :meth:`StatefulEngine.query_stream`, one delta of it
+    (``text`` and ``token_ids`` are the new part; the last has
+    ``finish_reason``)."""
+
+    text: str
+    token_ids: list[int]
+    version: int  # the session version the answer saw
+    prompt_tokens: int
+    computed_tokens: int  # prompt tokens the engine computed (vLLM's counter)
+    finish_reason: str | None
+    committed_version: int | None = None
+    flash: bool = False  # answered from a flash query's cache
+    computed_at: float | None = None  # when a flash answer was computed
+
+
+@dataclass(frozen=True)
+class EngineKVStats:
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    pinned_blocks: int

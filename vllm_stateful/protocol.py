@@ -18,8 +18,12 @@ KEY = "vllm_stateful"
 class Op(str, enum.Enum):
     # Ingest the session's tokens and, when done, pin their KV blocks.
     APPEND = "append"
-    # Read the session's KV; never changes the pin.
+    # Read the session's KV; never changes the pin. A question someone waits
+    # for (foreground work).
     QUERY = "query"
+    # Same as QUERY for the KV, but a flash evaluation: background work that
+    # yields to questions and ingestion.
+    FLASH = "flash"
     # Release the session's pin (a one-token request carries it).
     CLOSE = "close"
     # Report block-pool figures only (a one-token request carries it).

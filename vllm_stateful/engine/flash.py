@@ -194,7 +194,7 @@ class FlashBook:
         params.logprobs = 0  # the sampled token's logprob, for the confidence
         self._inflight += 1
         try:
-            out = await self.rpc.final(session.key, prompt_ids, params, Op.QUERY)
+            out = await self.rpc.final(session.key, prompt_ids, params, Op.FLASH)
         except Exception:
             return  # the next version retries; foreground paths report errors
         finally:

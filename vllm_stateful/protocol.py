@@ -13,6 +13,9 @@ from typing import Any
 # Key in SamplingParams.extra_args (request -> engine) and in
 # RequestOutput.kv_transfer_params (engine -> caller).
 KEY = "vllm_stateful"
+# In extra_args of a request that is not a session's: asks for an
+# ``EngineReport`` anyway (its scheduling figures), for tests and benchmarks.
+REPORT_KEY = "vllm_stateful_report"
 
 
 class Op(str, enum.Enum):
@@ -62,6 +65,16 @@ class EngineReport:
     pinned_blocks: int  # over all sessions
     session_pinned_tokens: int  # this request's session
     tail_tokens_loaded: int  # copied from the pinned partial block
+    # From the engine-side scheduler (kv/scheduler.py), when it is in use:
+    # engine steps between the request's arrival and its first step, the
+    # ingestion tokens computed in those steps, and the most ingestion tokens
+    # that shared one of its own steps.
+    waited_steps: int | None = None
+    ingest_tokens_waited: int | None = None
+    max_ingest_alongside: int | None = None
+    # PROBE only: pinned tokens per session key, every pin the engine holds
+    # (what ``StatefulEngine.reconcile`` compares with the API's accounting).
+    pins: dict[str, int] | None = None
 
     def to_params(self) -> dict[str, Any]:
         return {KEY: asdict(self)}

@@ -1,5 +1,7 @@
-"""When flash evaluations run: after every ingested version, in idle engine
-time.
+"""When flash evaluations run: after every ingested version. With the
+engine-side scheduler (``kv/scheduler.py``) they are sent at once and the
+engine runs them after questions and ingestion; without it, only in idle
+engine time.
 
 Per (session, flash query) there is at most one pending evaluation, always on
 the newest ingested version when it starts: versions that arrive while it
@@ -29,6 +31,10 @@ class FlashScheduler:
     is_idle: Callable[[], bool]
     concurrency: int = 2
     poll_s: float = 0.005
+    # The engine-side scheduler orders flash work after questions and
+    # ingestion (kv/scheduler.py): evaluations are then sent at once and
+    # paused inside the engine, never cancelled here.
+    engine_orders: bool = False
     _ready: deque = field(default_factory=deque)  # sessions with dirty queries
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Running evaluations and what they evaluate, so they can be preempted.
@@ -52,7 +58,9 @@ class FlashScheduler:
         """Foreground work arrived: cancel running evaluations (their engine
         requests are aborted) and mark them dirty again, so they rerun, on
         the newest version, in the next idle time instead of sharing engine
-        steps with the foreground."""
+        steps with the foreground. A no-op when the engine orders the work."""
+        if self.engine_orders:
+            return
         for task, (session, flash_id) in list(self._running.items()):
             task.cancel()
             self.notify(session, [flash_id])
@@ -70,7 +78,8 @@ class FlashScheduler:
                 continue
             # Wait for idle engine time (foreground requests always go first)
             # and for a free evaluation slot.
-            if len(self._running) >= self.concurrency or not self.is_idle():
+            busy = not self.engine_orders and not self.is_idle()
+            if len(self._running) >= self.concurrency or busy:
                 await asyncio.sleep(self.poll_s)
                 continue
             session = self._ready.popleft()

@@ -8,6 +8,7 @@ engine-side connector knows the session and the operation.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any, AsyncIterator
 
@@ -15,8 +16,10 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-from vllm_stateful.errors import InvalidInputError
+from vllm_stateful.config import scheduler_cls
+from vllm_stateful.errors import EngineDeadError, InvalidInputError
 from vllm_stateful.protocol import EngineReport, Op, RequestTag
 
 
@@ -48,14 +51,41 @@ class EngineRPC:
         # full, so it is never cached.
         bos = getattr(tokenizer, "bos_token_id", None)
         self._control_prompt = [bos if bos is not None else 0]
+        # Whether the engine runs the session-aware scheduler, which orders
+        # questions, ingestion and flash work itself.
+        configured = engine.vllm_config.scheduler_config.scheduler_cls
+        if isinstance(configured, type):
+            configured = f"{configured.__module__}.{configured.__qualname__}"
+        self.engine_orders = configured == scheduler_cls()
 
-    def generate(
+    @property
+    def alive(self) -> bool:
+        """False once vLLM's engine core has died (it never comes back)."""
+        return not self.engine.errored
+
+    def check_alive(self) -> None:
+        """Fail fast, with a typed error, when the engine core is gone."""
+        if self.engine.errored:
+            raise EngineDeadError(
+                "the vLLM engine core has died; sessions cannot be served (restart the server)"
+            )
+
+    async def generate(
         self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
     ) -> AsyncIterator[RequestOutput]:
+        self.check_alive()
         params.extra_args = {**(params.extra_args or {}), **RequestTag(key, op).to_extra_args()}
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key)
         request_id = f"stateful-{op.value}-{uuid.uuid4().hex}"
-        return self.engine.generate(prompt, params, request_id)
+        # aclosing: closing this generator closes vLLM's, which aborts the
+        # request in the engine.
+        async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as outs:
+            try:
+                async for out in outs:
+                    yield out
+            except VllmEngineDeadError as exc:
+                self.check_alive()
+                raise EngineDeadError(str(exc)) from exc
 
     async def final(
         self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op

@@ -16,6 +16,7 @@ prompts get 0 external tokens and simply recompute.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from vllm_stateful.kv.pins import PinTable
-from vllm_stateful.protocol import EngineReport, Op, RequestTag
+from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op, RequestTag
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from vllm_stateful.kv.scheduler import StepLog
+
 logger = init_logger(__name__)
 
 
@@ -47,6 +50,11 @@ logger = init_logger(__name__)
 class StatefulConnectorMetadata(KVConnectorMetadata):
     # (src_block_id, dst_block_id) copies to run before this step's forward.
     copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _wants_report(request: Request) -> bool:
+    params = request.sampling_params
+    return params is not None and bool((params.extra_args or {}).get(REPORT_KEY))
 
 
 def _tag(request: Request) -> RequestTag | None:
@@ -68,11 +76,20 @@ class StatefulConnector(KVConnectorBase_V1):
         self._planned: dict[str, tuple[int, int, int]] = {}  # req -> (src, n, dst index)
         self._loaded: dict[str, int] = {}  # req -> tail tokens copied
         self._step_copies: list[tuple[int, int]] = []
-        # Keys of closed sessions: an append still in flight at close time
-        # must not pin again when it finishes.
+        # Appends in flight per session key (request ids), and the keys closed
+        # while one of them was in flight: such an append must not pin again
+        # when it finishes. A closed key is forgotten once its last append in
+        # flight has finished (the close is then fully acknowledged), so both
+        # stay as small as the requests in flight.
+        self._live_appends: dict[str, set[str]] = {}
         self._closed: set[str] = set()
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
+        # Set by the engine-side scheduler when it is ours (kv/scheduler.py).
+        self._step_log: StepLog | None = None
+
+    def attach_step_log(self, step_log: StepLog) -> None:
+        self._step_log = step_log
 
     # ---------------------------------------------------------------- scheduler
 
@@ -87,6 +104,11 @@ class StatefulConnector(KVConnectorBase_V1):
             )
         self.pins = PinTable(gpu_block_pool, self.block_size)
 
+    def on_new_request(self, request: Request) -> None:
+        tag = _tag(request)
+        if tag is not None and tag.op is Op.APPEND:
+            self._live_appends.setdefault(tag.session, set()).add(request.request_id)
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
@@ -95,7 +117,8 @@ class StatefulConnector(KVConnectorBase_V1):
             return 0, False
         if tag.op is Op.CLOSE:
             # Idempotent: this may run again if allocation is retried.
-            self._closed.add(tag.session)
+            if self._live_appends.get(tag.session):
+                self._closed.add(tag.session)
             self.pins.release(tag.session)
             return 0, False
         if tag.op is Op.PROBE:
@@ -137,6 +160,9 @@ class StatefulConnector(KVConnectorBase_V1):
         self._planned.pop(request.request_id, None)
         loaded = self._loaded.pop(request.request_id, 0)
         tag = _tag(request)
+        wait = self._step_log.pop(request.request_id) if self._step_log else None
+        if tag is None and wait is not None and _wants_report(request):
+            tag = RequestTag(session="", op=Op.QUERY)
         if tag is None or self.pins is None:
             return False, None
         if (
@@ -145,7 +171,27 @@ class StatefulConnector(KVConnectorBase_V1):
             and request.num_computed_tokens >= request.num_prompt_tokens
         ):
             self.pins.replace(tag.session, block_ids, request.prompt_token_ids)
-        return False, self._report(request, tag, loaded).to_params()
+        if tag.op is Op.APPEND:
+            self._append_finished(tag.session, request.request_id)
+        report = self._report(request, tag, loaded)
+        if wait is not None:
+            report = dataclasses.replace(
+                report,
+                # Steps it sat out: 0 when it ran in the step after it arrived.
+                waited_steps=(wait.first_step or wait.arrival_step + 1) - wait.arrival_step - 1,
+                ingest_tokens_waited=wait.ingest_tokens_before,
+                max_ingest_alongside=wait.max_ingest_alongside,
+            )
+        return False, report.to_params()
+
+    def _append_finished(self, session: str, request_id: str) -> None:
+        live = self._live_appends.get(session)
+        if live is not None:
+            live.discard(request_id)
+            if live:
+                return
+            del self._live_appends[session]
+        self._closed.discard(session)
 
     def _report(self, request: Request, tag: RequestTag, loaded: int) -> EngineReport:
         assert self.pins is not None and self._kv_cache_manager is not None
@@ -161,6 +207,11 @@ class StatefulConnector(KVConnectorBase_V1):
             pinned_blocks=self.pins.pinned_blocks,
             session_pinned_tokens=len(pin.token_ids) if pin else 0,
             tail_tokens_loaded=loaded,
+            pins=(
+                {key: len(p.token_ids) for key, p in self.pins.pins.items()}
+                if tag.op is Op.PROBE
+                else None
+            ),
         )
 
     # ------------------------------------------------------------------- worker

@@ -1,0 +1,109 @@
+"""Request classes in the engine (kv/scheduler.py): questions and stateless
+requests go before ingestion, ingestion before flash work.
+
+The test engine paces ingestion exactly (conftest: at most
+INGEST_STEP_TOKENS ingestion tokens per engine step), so the figures the
+engine reports per request can be asserted exactly, not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from tests.conftest import INGEST_STEP_TOKENS
+from tests.helpers import greedy, reference
+from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op
+
+LARGE = 3000  # tokens: about 94 engine steps of ingestion
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 500) for _ in range(n)]
+
+
+async def _ask(engine, session, question: list[int], max_tokens: int = 16):
+    """A session question through the engine RPC, with the engine's report."""
+    version = session.ingested_version
+    prompt = session.tokens_at(version) + question
+    params = greedy(max_tokens)
+    out = await engine.rpc.final(session.key, prompt, params, Op.QUERY)
+    return out, EngineReport.from_params(out.kv_transfer_params), version
+
+
+async def test_question_during_large_append_starts_next_step(engine, stock):
+    s = await engine.create_session(_tokens(40, 1))
+    v = await engine.append(s.id, _tokens(LARGE, 2))
+    await asyncio.sleep(0.05)  # ingestion is under way
+    out, report, seen = await _ask(engine, s, [5, 6, 7])
+    # Ingestion was still running when the question finished: the two overlapped.
+    assert s.ingested_version < v
+    assert report.waited_steps == 0  # admitted in the step after it arrived
+    assert report.ingest_tokens_waited == 0
+    assert 0 < report.max_ingest_alongside <= INGEST_STEP_TOKENS
+    # The question read the version ingested before the append, exactly.
+    assert seen == 0
+    expected = await reference(stock, s.tokens_at(0) + [5, 6, 7], 16)
+    assert list(out.outputs[0].token_ids) == expected
+    # The append, ingested in many small steps, equals stock vLLM.
+    await engine.wait_ingested(s.id, v)
+    question = [11, 12, 13]
+    answer = await engine.query(s.id, question, greedy(8))
+    assert answer.computed_tokens == len(question)
+    assert answer.token_ids == await reference(stock, s.tokens_at(v) + question, 8)
+
+
+async def test_stateless_request_waits_for_at_most_one_chunk(engine, stock):
+    s = await engine.create_session(_tokens(40, 3))
+    await engine.register_flash(s.id, [21, 22], greedy(8))
+    v = await engine.append(s.id, _tokens(LARGE, 4))
+    await asyncio.sleep(0.05)
+    prompt = _tokens(50, 5)
+    params = greedy(8)
+    params.extra_args = {REPORT_KEY: True}
+    final = None
+    async for out in engine.engine.generate(
+        TokensPrompt(prompt_token_ids=prompt), params, f"plain-{uuid.uuid4().hex}"
+    ):
+        final = out
+    report = EngineReport.from_params(final.kv_transfer_params)
+    assert s.ingested_version < v
+    assert report.waited_steps == 0
+    assert report.ingest_tokens_waited == 0
+    assert report.max_ingest_alongside <= INGEST_STEP_TOKENS
+    assert list(final.outputs[0].token_ids) == await reference(stock, prompt, 8)
+    await engine.wait_ingested(s.id, v)
+
+
+async def test_flash_progresses_under_a_continuous_stream(engine, stock):
+    """Ingestion never runs dry here (each append is larger than what the
+    engine ingests per step), yet flash evaluations finish while it streams."""
+    s = await engine.create_session(_tokens(40, 6))
+    events = engine.subscribe(s.id)
+    await engine.register_flash(s.id, [31, 32], greedy(4), flash_id="f")
+    flash_versions: list[int] = []
+    appended = 0
+    for i in range(400):
+        await engine.append(s.id, _tokens(INGEST_STEP_TOKENS * 2, 100 + i))
+        appended += 1
+        while not events.empty():
+            event = events.get_nowait()
+            if event.type == "flash" and event.version > 0:
+                flash_versions.append(event.version)
+        if flash_versions:
+            break
+        await asyncio.sleep(0.01)
+    assert flash_versions, f"no flash answer on a new version during {appended} appends"
+    # Streaming was still going on: versions were appended after the one answered.
+    assert s.version > flash_versions[0]
+    # The answer is right for the version it names.
+    result = s.flash_results["f"]
+    expected = await reference(stock, s.tokens_at(result.version) + [31, 32], 4)
+    assert result.version >= flash_versions[0] and result.token_ids == expected
+    engine.unsubscribe(s.id, events)
+    await engine.wait_ingested(s.id)

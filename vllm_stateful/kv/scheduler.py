@@ -1,0 +1,246 @@
+"""The engine-side scheduler: vLLM's v1 ``Scheduler`` with request classes.
+
+Three classes of work, in this order:
+
+* foreground: session questions and every request that is not the plugin's
+  (stateless OpenAI traffic is foreground too), plus the one-token control
+  requests;
+* ingestion: a session's appends (``Op.APPEND``);
+* flash: background evaluations of registered questions (``Op.FLASH``).
+
+vLLM's ``priority`` policy cannot express this: it orders only the waiting
+queue, a waiting request never preempts, and running requests take the token
+budget first, so a question would still wait behind a running prefill. This
+subclass does not copy vLLM's ``schedule``; before each call it arranges what
+vLLM's scheduler sees, and restores it afterwards:
+
+* running and waiting requests are ordered by class, so the token budget
+  goes to foreground work first and vLLM's preemption victim (the last
+  running request) is the least urgent one;
+* while foreground work exists, the step's token budget is what the
+  foreground needs plus a small ingestion allowance (``pacing.py``), so a
+  step carrying ingestion costs little more than a pure decode step; flash
+  work sits the step out (it stays running with its KV, paused, not thrown
+  away), except that a request passed over ``starve_steps`` times in a row
+  is let in, so every class always makes progress;
+* when a foreground request is waiting to be admitted, running ingestion
+  and flash requests sit the step out, so it is admitted at once instead of
+  after their prefill;
+* with no foreground work, steps are capped at a few decode steps' worth of
+  tokens: the longest a question arriving now waits for the step in flight.
+
+Step records (``StepLog``) say what every request waited for; the connector
+reports them when the request finishes.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_stateful.config import SchedulingConfig
+from vllm_stateful.kv.pacing import StepCostModel
+from vllm_stateful.protocol import Op, RequestTag
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+
+class Lane(enum.IntEnum):
+    """Request classes; a lower value is served first."""
+
+    FOREGROUND = 0
+    INGEST = 1
+    FLASH = 2
+
+
+_LANE_OF_OP = {Op.APPEND: Lane.INGEST, Op.FLASH: Lane.FLASH}
+
+
+def lane_of(request: Request) -> Lane:
+    params = request.sampling_params
+    tag = None if params is None else RequestTag.from_extra_args(params.extra_args)
+    return Lane.FOREGROUND if tag is None else _LANE_OF_OP.get(tag.op, Lane.FOREGROUND)
+
+
+@dataclass
+class RequestWait:
+    """What one request waited for, from its arrival to its first step."""
+
+    arrival_step: int
+    first_step: int | None = None
+    ingest_tokens_before: int = 0  # ingestion computed in steps it sat out
+    passed_over: int = 0  # consecutive steps it was ready but not scheduled
+    # The most ingestion tokens that shared a step with this request.
+    max_ingest_alongside: int = 0
+
+
+class StepLog:
+    """Per-request wait records, kept until the request finishes."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self.waits: OrderedDict[str, RequestWait] = OrderedDict()
+
+    def arrived(self, request_id: str, step: int) -> None:
+        self.waits[request_id] = RequestWait(arrival_step=step)
+        while len(self.waits) > self.limit:  # requests that never finished
+            self.waits.popitem(last=False)
+
+    def pop(self, request_id: str) -> RequestWait | None:
+        return self.waits.pop(request_id, None)
+
+
+class StatefulScheduler(Scheduler):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = SchedulingConfig.from_env()
+        self.cost = StepCostModel(
+            slack=cfg.foreground_slack,
+            idle_factor=cfg.idle_step_factor,
+            min_tokens=cfg.min_ingest_tokens,
+            max_tokens=self.max_num_scheduled_tokens,
+        )
+        self.starve_steps = cfg.starve_steps
+        self.steps = StepLog()
+        self._step_started: float | None = None
+        self._step_prompt_tokens = 0
+        attach = getattr(self.connector, "attach_step_log", None)
+        if attach is not None:
+            attach(self.steps)
+        logger.info("vllm-stateful: request classes on (foreground > ingestion > flash)")
+
+    # ---------------------------------------------------------------- hooks
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        self.steps.arrived(request.request_id, self.current_step)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        full_budget = self.max_num_scheduled_tokens
+        full_active = self.max_num_active_reqs
+        hidden_running, hidden_waiting, budget = self._arrange()
+        self.max_num_scheduled_tokens = budget
+        # Paused requests still hold a model-runner slot.
+        self.max_num_active_reqs = full_active - len(hidden_running)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = full_budget
+            self.max_num_active_reqs = full_active
+            # Paused work goes last: the first preemption victims.
+            self.running.extend(hidden_running)
+            for request in hidden_waiting:
+                self.waiting.add_request(request)
+        self._record(output)
+        return output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
+        if self._step_started is not None and scheduler_output.total_num_scheduled_tokens:
+            self.cost.observe(time.monotonic() - self._step_started, self._step_prompt_tokens)
+        self._step_started = None
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    # ------------------------------------------------------------- arranging
+
+    def _starved(self, request: Request) -> bool:
+        wait = self.steps.waits.get(request.request_id)
+        return wait is not None and wait.passed_over >= self.starve_steps
+
+    def _arrange(self) -> tuple[list[Request], list[Request], int]:
+        """Order the queues by class and pick what sits this step out.
+        Returns (hidden running, hidden waiting, token budget)."""
+        lanes = {r.request_id: lane_of(r) for r in self.running}
+        waiting = list(self.waiting)
+        lanes.update((r.request_id, lane_of(r)) for r in waiting)
+        # Flash work passed over too often goes first once, so it always
+        # progresses (it is small: a question and a short answer).
+        starved = {
+            r.request_id
+            for r in (*self.running, *waiting)
+            if lanes[r.request_id] is Lane.FLASH and self._starved(r)
+        }
+
+        def rank(r: Request) -> tuple[int, int]:
+            if r.request_id in starved:
+                return (-1, 0)
+            # Within a class, the request passed over longest goes first:
+            # sessions share the ingestion allowance in turn.
+            wait = self.steps.waits.get(r.request_id)
+            return (lanes[r.request_id], -(wait.passed_over if wait else 0))
+
+        self.running.sort(key=rank)  # stable
+        self._reorder_waiting(waiting, rank)
+
+        fg_running = [r for r in self.running if rank(r)[0] <= Lane.FOREGROUND]
+        fg_waiting = any(lanes[r.request_id] is Lane.FOREGROUND for r in waiting)
+        if not any(lanes[r.request_id] is Lane.FOREGROUND for r in fg_running) and not fg_waiting:
+            return [], [], max(1, min(self.cost.idle_tokens(), self.max_num_scheduled_tokens))
+
+        def sits_out(r: Request) -> bool:
+            if rank(r)[0] <= Lane.FOREGROUND:
+                return False
+            lane = lanes[r.request_id]
+            # Admitting a waiting question comes before any background prefill.
+            return fg_waiting or lane is Lane.FLASH
+
+        hidden_running = [r for r in self.running if sits_out(r)]
+        hidden_waiting = [r for r in waiting if sits_out(r)]
+        if hidden_running:
+            keep = set(map(id, hidden_running))
+            self.running[:] = [r for r in self.running if id(r) not in keep]
+        if hidden_waiting:
+            self.waiting.remove_requests(hidden_waiting)
+        if fg_waiting:
+            return hidden_running, hidden_waiting, self.max_num_scheduled_tokens
+        need = sum(
+            max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
+            for r in fg_running
+        )
+        budget = min(need + self.cost.foreground_tokens(), self.max_num_scheduled_tokens)
+        return hidden_running, hidden_waiting, max(1, budget)
+
+    def _reorder_waiting(self, waiting: list[Request], rank: Any) -> None:
+        ordered = sorted(waiting, key=rank)
+        if ordered != waiting:
+            self.waiting.remove_requests(waiting)
+            for request in ordered:
+                self.waiting.add_request(request)
+
+    # -------------------------------------------------------------- records
+
+    def _record(self, output: SchedulerOutput) -> None:
+        scheduled = output.num_scheduled_tokens
+        ingest = 0
+        prompt_tokens = 0
+        for req_id, n in scheduled.items():
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if n > 1:  # a prefill chunk (a decode step schedules one token)
+                prompt_tokens += n
+            if lane_of(request) is Lane.INGEST:
+                ingest += n
+        running = {r.request_id for r in self.running}
+        for req_id, wait in self.steps.waits.items():
+            if req_id in scheduled:
+                if wait.first_step is None:
+                    wait.first_step = self.current_step
+                wait.passed_over = 0
+                wait.max_ingest_alongside = max(wait.max_ingest_alongside, ingest)
+            elif wait.first_step is None:
+                wait.ingest_tokens_before += ingest
+                wait.passed_over += 1
+            elif req_id in running:
+                wait.passed_over += 1
+        self._step_prompt_tokens = prompt_tokens
+        self._step_started = time.monotonic() if scheduled else None

@@ -72,3 +72,34 @@ def test_async_llm_in_flight_counter():
 
     assert "self.output_processor = OutputProcessor(" in inspect.getsource(AsyncLLM.__init__)
     assert callable(OutputProcessor.get_num_unfinished_requests)
+
+
+def test_scheduler_internals_the_request_classes_arrange():
+    # kv/scheduler.py arranges what vLLM's schedule() sees: it reorders and
+    # filters `running` and `waiting`, and sets the step's token budget and
+    # active-request cap for one call. These must still be what schedule()
+    # reads, at the start of each call.
+    from vllm.config import SchedulerConfig
+    from vllm.v1.core.sched import request_queue, scheduler
+
+    src = inspect.getsource(scheduler.Scheduler.schedule)
+    assert "token_budget = self.max_num_scheduled_tokens" in src
+    assert "while req_index < len(self.running) and token_budget > 0:" in src
+    assert "if num_running >= self.max_num_active_reqs:" in src
+    assert "request_queue = self.waiting" in src
+    assert "self.current_step += 1" in src
+    assert params(scheduler.Scheduler.update_from_output) == [
+        "self", "scheduler_output", "model_runner_output",
+    ]
+    assert params(scheduler.Scheduler.add_request) == ["self", "request"]
+    init = inspect.getsource(scheduler.Scheduler.__init__)
+    for name in ("self.max_num_active_reqs", "self.max_num_scheduled_tokens", "self.connector"):
+        assert f"{name} =" in init, name
+    for name in ("add_request", "remove_requests", "__iter__"):
+        assert callable(getattr(request_queue.RequestQueue, name)), name
+    assert "scheduler_cls" in SchedulerConfig.__dataclass_fields__
+    from vllm.v1.request import Request
+
+    request_src = inspect.getsource(Request)
+    for name in ("num_tokens_with_spec", "num_output_placeholders"):
+        assert name in request_src, name

@@ -52,7 +52,7 @@ SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
 ENGINE_KEYS = {"stateful": "stateful", "vllm": "vllm-pc"}  # our names -> marketbench's specs
 SMOKE_DEFAULTS = {
     "sessions": "1,2", "loads": "0.5,2.0", "duration_s": 6.0, "start_context": 128,
-    "max_context": 640, "capacity_tokens": 256, "capacity_reps": 1, "idle_points": 2,
+    "max_context": 1024, "capacity_tokens": 256, "capacity_reps": 1, "idle_points": 2,
     "idle_reps": 1, "question_rate": 2.0, "max_tokens": 4, "kv_gib": 1, "progress_s": 2.0,
     "question_timeout": 120.0, "drain_timeout": 60.0,
 }  # fmt: skip
@@ -227,7 +227,9 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                 cfg = LevelConfig(
                     start_context=args.start_context,
                     rotate_at=state["rotate_at"][plan.sessions],
-                    max_append_tokens=args.max_append_tokens,
+                    # A coalesced append must fit a fresh session's room.
+                    max_append_tokens=min(args.max_append_tokens,
+                                          (state["rotate_at"][plan.sessions] - args.start_context) // 2),
                     question_timeout_s=args.question_timeout,
                     drain_timeout_s=args.drain_timeout,
                     stats_interval_s=args.stats_interval,
@@ -275,9 +277,14 @@ def build_plans(args, state) -> list[LevelPlan]:
     return plans
 
 
+def scrub(text: str) -> str:
+    """Result files name paths relative to the repository and home."""
+    return text.replace(str(HERE.parent), ".").replace(os.path.expanduser("~"), "~")
+
+
 def write_json(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str))
+    path.write_text(scrub(json.dumps(results, indent=1, default=str)))
 
 
 def smoke_problems(results: dict) -> list[str]:
@@ -327,7 +334,7 @@ async def main_async(args) -> int:
     rotate_at = {}
     for n in args.session_counts:
         r = min(args.max_context, int(budget * 0.85 / n) - 256)
-        if r < args.start_context + 2 * args.max_append_tokens:
+        if r < args.start_context + 256:
             raise SystemExit(f"{n} sessions do not fit {args.kv_gib} GiB of KV between "
                              f"{args.start_context} and {args.max_context} tokens: raise --kv-gib")  # fmt: skip
         rotate_at[n] = r
@@ -356,7 +363,7 @@ async def main_async(args) -> int:
                            f"{rotate_at}), questions {args.question_rate:g}/s Poisson, "
                            f"{args.max_tokens} greedy tokens, {'eager' if args.eager else 'compiled'}, "
                            f"KV {args.kv_gib} GiB, seed {args.seed}"),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
             "questions": [{"id": q.id, "text": q.text, "tokens": len(q.ids), "flash": q.flash} for q in qs],
             "rotate_at": rotate_at, "representative_context": rep_context,
             "idle_contexts": idle_contexts,
@@ -383,6 +390,7 @@ async def main_async(args) -> int:
     write_json(results, out / f"{args.stem}.json")
     (out / f"{args.stem}.partial.json").unlink(missing_ok=True)
     md = report.markdown(results)
+    md = scrub(md)
     (out / f"{args.stem}.md").write_text(md + "\n")
     made = []
     try:

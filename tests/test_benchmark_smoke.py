@@ -60,3 +60,55 @@ def test_market_stream_smoke(tmp_path: Path) -> None:
             assert "no CUDA device" in engines[key]["reason"]
     table = (tmp_path / "market_stream.md").read_text()
     assert "| smoke | vllm-stateful |" in table
+
+
+def test_live_stream_smoke(tmp_path: Path) -> None:
+    """``benchmarks/live_stream.py --smoke``: the tiny model, 1 and 2 sessions
+    fed ticks open loop at 50% and 200% of the measured capacity, with
+    questions during the stream, on vllm-stateful and stock vLLM. The JSON
+    carries every reported field, and every acknowledged append is in its
+    session (session tokens = prefix + acknowledged tokens)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "live_stream.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "live_stream.json").read_text())
+
+    meta = res["meta"]
+    for key in ("cpu", "cpu_flags", "vllm", "dtype", "model", "parameters", "questions"):
+        assert meta[key], key
+    assert meta["dtype"] == "float32"
+    assert res["capacity"]["tps"] > 0
+    assert res["evaluation_ms"] > 0
+    assert set(res["idle"]) == {"vllm-stateful", "vLLM, prefix caching on"}
+
+    levels = {(lv["engine"], lv["sessions"], lv["load"]): lv for lv in res["levels"]}
+    assert set(levels) == {(e, n, load) for e in res["idle"] for n in (1, 2) for load in (0.5, 2.0)}
+    fields = (
+        "p50_s", "p99_s", "idle_p50_s", "idle_p99_s", "lag_first_half_p50_s",
+        "lag_second_half_p99_s", "flash_asks", "flash_hits", "flash_hit_rate",
+        "staleness_p50_ms", "http_429", "retry_wait_s", "backlog_max_tokens",
+        "all_appends_in_session", "tokens_acknowledged",
+    )  # fmt: skip
+    for (engine, n, load), lv in levels.items():
+        s = lv["summary"]
+        for f in fields:
+            assert f in s, f
+        assert s["questions"] > 0 and s["answered"] == s["questions"]
+        assert s["p50_s"] > 0 and s["idle_p50_s"] > 0
+        if engine != "vllm-stateful":
+            continue
+        assert s["appends_acknowledged"] > 0 and s["lag_first_half_p50_s"] is not None
+        assert lv["backlog"], "backlog sampled over time"
+        # Every acknowledged append is in its session: each session (a
+        # stream rotates to a new one at its window) holds its prefix plus
+        # exactly the tokens acknowledged to it, and the sessions together
+        # account for every acknowledged token.
+        assert s["all_appends_in_session"] is True
+        for v in lv["verification"]:
+            assert v["session_tokens"] == v["prefix_tokens"] + v["acknowledged_tokens"]
+            assert v["session_version"] == v["acknowledged_version"]
+        assert sum(v["acknowledged_tokens"] for v in lv["verification"]) == s["tokens_acknowledged"]
+    assert (tmp_path / "live_stream.md").read_text().count("| vllm-stateful |") == 4

@@ -56,3 +56,20 @@ class BudgetExceededError(StatefulError):
 class AccessDeniedError(StatefulError):
     http_status = 403
     code = "forbidden"
+
+
+class CommitConflictError(StatefulError):
+    """``commit`` refused: the session moved past the version the answer saw,
+    so appending question and answer would put them after data the answer
+    never read. Nothing was appended."""
+
+    http_status = 409
+    code = "commit_conflict"
+
+
+class EngineDeadError(StatefulError):
+    """vLLM's engine core is gone: every session call fails at once.
+    Unrecoverable; restart the server (sessions do not survive it)."""
+
+    http_status = 503
+    code = "engine_dead"

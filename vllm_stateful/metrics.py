@@ -25,11 +25,28 @@ SESSIONS = Gauge("vllm_stateful_sessions", "Open sessions")
 PINNED_TOKENS = Gauge("vllm_stateful_pinned_tokens", "KV tokens pinned by sessions")
 BUDGET_TOKENS = Gauge("vllm_stateful_budget_tokens", "KV tokens sessions may pin together")
 FLASH_QUERIES = Gauge("vllm_stateful_flash_queries", "Registered flash queries")
+SESSIONS_ENDING = Gauge(
+    "vllm_stateful_sessions_ending",
+    "Sessions closing or whose release failed: their pins are not yet released",
+)
+RELEASE_FAILURES = Counter(
+    "vllm_stateful_release_failures", "Session releases whose CLOSE the engine did not acknowledge"
+)
+CREATES_ROLLED_BACK = Counter(
+    "vllm_stateful_creates_rolled_back",
+    "Session creates undone because the prefix failed or the caller went away",
+)
+RECONCILE_MISMATCHES = Gauge(
+    "vllm_stateful_reconcile_mismatches",
+    "Disagreements between engine-side pins and API-side accounting at the last reconciliation",
+)
 
 
 def bind(engine: StatefulEngine) -> None:
     """Read the gauges from ``engine`` at scrape time."""
     SESSIONS.set_function(lambda: len(engine.sessions))
-    PINNED_TOKENS.set_function(lambda: sum(s.pinned_tokens for s in engine.sessions.values()))
+    # Ending sessions included: their pins are held until the engine acknowledges CLOSE.
+    PINNED_TOKENS.set_function(lambda: sum(s.pinned_tokens for s in engine.registry.budgeted()))
+    SESSIONS_ENDING.set_function(lambda: len(engine.registry.ending))
     BUDGET_TOKENS.set(engine.budget.limit_tokens)
     FLASH_QUERIES.set_function(lambda: sum(len(s.flash) for s in engine.sessions.values()))

@@ -152,6 +152,8 @@ def event_dict(data: str) -> dict[str, Any]:
     return json.loads(data)
 
 
-FINAL_EVENTS = ("closed", "evicted")
+# The server ends an events stream after these ("dropped": this reader fell
+# too far behind).
+FINAL_EVENTS = ("closed", "evicted", "dropped")
 
 __all__ = ["Call", "StatefulError"]

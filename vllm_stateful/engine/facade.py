@@ -18,15 +18,16 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 
 from vllm_stateful import metrics
 from vllm_stateful.config import StatefulConfig, connector_config
-from vllm_stateful.engine.budget import Budget
+from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
 from vllm_stateful.engine.query import Querier
+from vllm_stateful.engine.reconcile import Reconciliation, reconcile
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
-from vllm_stateful.engine.session import Session, SessionStats
-from vllm_stateful.errors import InvalidInputError, SessionClosedError
+from vllm_stateful.engine.session import Session, SessionState, SessionStats
+from vllm_stateful.errors import CommitConflictError, InvalidInputError, SessionClosedError
 from vllm_stateful.protocol import Op
 
 Data = str | Sequence[int]
@@ -61,9 +62,12 @@ class StatefulEngine:
         self.num_blocks: int = vcfg.cache_config.num_gpu_blocks
         self.max_model_len: int = vcfg.model_config.max_model_len
         self.vocab_size: int = vcfg.model_config.get_vocab_size()
-        limit = self.config.budget_tokens
-        if limit is None:
-            limit = int(self.config.budget_fraction * self.num_blocks) * self.block_size
+        # Checked at startup: the budget must leave room for one request of
+        # max_model_len (vLLM's null block is not usable).
+        limit = budget_limit(
+            self.config.budget_tokens, self.config.budget_fraction, self.num_blocks - 1,
+            self.block_size, self.max_model_len,
+        )  # fmt: skip
         self.budget = Budget(limit_tokens=limit, block_size=self.block_size)
         self.rpc = EngineRPC(engine)
         self.registry = SessionRegistry(self.config, self.budget, self.rpc, self.max_model_len)
@@ -107,7 +111,12 @@ class StatefulEngine:
     ) -> Session:
         """Open a session whose version 0 is ``prefix``; returns once the
         prefix is ingested (pinned). ``flash`` holds keyword arguments for
-        :meth:`register_flash`, registered atomically with the session."""
+        :meth:`register_flash`, registered atomically with the session.
+
+        If the prefix cannot be ingested or the caller is cancelled first,
+        the session is rolled back (released: budget and pin given back)
+        before the error propagates."""
+        self.rpc.check_alive()
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise InvalidInputError("session_id must be a non-empty string")
         session_id = session_id or uuid.uuid4().hex
@@ -124,11 +133,21 @@ class StatefulEngine:
             access_token=secrets.token_urlsafe(24),
             tokens=tokens,
             ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
+            max_event_queue=self.config.max_event_queue,
         )
         session.flash = {fq.id: fq for fq in flash_queries}
         self.registry.add(session)
-        self.ingestor.kick(session)
-        await self.wait_ingested(session_id, 0)
+        try:
+            self.ingestor.kick(session)
+            await self.wait_ingested(session_id, 0)
+            self.registry.activate(session)
+        except BaseException as exc:
+            # Nobody holds this session's token yet: undo it.
+            gone = isinstance(exc, asyncio.CancelledError)
+            if session.release_task is None:  # not already ending (closed meanwhile)
+                metrics.CREATES_ROLLED_BACK.inc()
+            await self.registry.release(session, "cancelled" if gone else "create_failed")
+            raise
         return session
 
     async def append(self, session_id: str, data: Data) -> int:
@@ -137,6 +156,7 @@ class StatefulEngine:
         Ingestion runs in the background, in order; appends that arrive while
         one is ingested are coalesced into the next engine request.
         """
+        self.rpc.check_alive()
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
         self.registry.check_grow(session_id, len(session.tokens) + len(token_ids))
@@ -150,6 +170,7 @@ class StatefulEngine:
     ) -> int:
         """Wait until ``version`` (default: the latest) is ingested; returns
         the ingested version."""
+        self.rpc.check_alive()
         session = self.registry.get(session_id)
         target = session.version if version is None else version
         if not 0 <= target <= session.version:
@@ -164,6 +185,7 @@ class StatefulEngine:
                 )
             if session.ingested_version >= target:
                 return session.ingested_version
+            self.rpc.check_alive()  # the housekeeping loop ends sessions when it dies
             if session.closed:
                 raise SessionClosedError(f"session '{session_id}' was {session.closed_reason}")
             raise RuntimeError(f"ingestion failed: {session.ingest_error!r}")
@@ -171,7 +193,11 @@ class StatefulEngine:
         return await asyncio.wait_for(done(), timeout)
 
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
-        """Close the session and release its pinned KV."""
+        """Close the session and release its pinned KV. Returns once the
+        engine acknowledged the release (or it failed and is retried in the
+        background; the session then counts against the budget until it
+        succeeds). Cancelling the caller does not stop the release."""
+        self.rpc.check_alive()
         await self.registry.close(session_id, reason)
 
     def get_session(self, session_id: str) -> SessionStats:
@@ -181,7 +207,10 @@ class StatefulEngine:
         return [s.stats() for s in self.registry.sessions.values()]
 
     def subscribe(self, session_id: str) -> asyncio.Queue:
-        """A queue of this session's ``SessionEvent``s; ``unsubscribe`` it."""
+        """A queue of this session's ``SessionEvent``s; ``unsubscribe`` it.
+
+        The last event is ``closed`` or ``evicted``, or ``dropped`` when the
+        reader let ``max_event_queue`` events pile up (it is then removed)."""
         queue: asyncio.Queue = asyncio.Queue()
         self.registry.get(session_id).subscribers.add(queue)
         return queue
@@ -198,6 +227,26 @@ class StatefulEngine:
             report.free_blocks, report.total_blocks, report.block_size, report.pinned_blocks
         )
 
+    async def reconcile(self) -> Reconciliation:
+        """Compare the engine's pins (a probe) with the API's accounting:
+        every open or ending session's ``pinned_tokens`` against its pin, and
+        no pin without a session. Sessions whose ingestion or release is in
+        flight are skipped (counted in ``skipped``). Sets the
+        ``vllm_stateful_reconcile_mismatches`` metric."""
+        busy = {
+            s.key for s in self.registry.budgeted()
+            if s.state is not SessionState.ACTIVE
+            or (s.ingest_task is not None and not s.ingest_task.done())
+        }  # fmt: skip
+        report = await self.rpc.control("probe-" + uuid.uuid4().hex, Op.PROBE)
+        assert report.pins is not None, "the connector did not report its pins"
+        result = reconcile(
+            self.registry.budgeted(), busy, report.pins,
+            (report.pinned_blocks, report.free_blocks, report.total_blocks),
+        )  # fmt: skip
+        metrics.RECONCILE_MISMATCHES.set(len(result.mismatches))
+        return result
+
     # ------------------------------------------------------------------ queries
 
     async def query(
@@ -209,7 +258,16 @@ class StatefulEngine:
         commit: bool = False,
     ) -> QueryResult:
         """Answer ``prompt`` after the session's context. The session is not
-        changed unless ``commit`` is set, which appends question and answer."""
+        changed unless ``commit`` is set, which appends question and answer.
+
+        ``commit`` appends question and answer at the version the answer saw,
+        or refuses (``CommitConflictError``, nothing appended) when the
+        session has moved past it: before the question runs when an append
+        is not yet ingested (with ``consistency="ingested"``), or after it
+        when an append arrived while it ran."""
+        self.rpc.check_alive()
+        if commit and consistency == "ingested":
+            self._check_commit(session_id, None)
         result = None
         async for result in self.queries.run(
             session_id, prompt, sampling_params, consistency, stream=False, allow_flash=not commit
@@ -217,9 +275,29 @@ class StatefulEngine:
             pass
         assert result is not None
         if commit:
+            self._check_commit(session_id, result.version)
+            # No await between the check and the append (append takes the
+            # version synchronously): nothing can land in between.
             committed = await self.append(session_id, self.encode(prompt) + result.token_ids)
             result = dataclasses.replace(result, committed_version=committed)
         return result
+
+    def _check_commit(self, session_id: str, seen: int | None) -> None:
+        session = self.registry.get(session_id)
+        if seen is None:  # before answering: the answer will see the ingested version
+            if session.ingested_version == session.version:
+                return
+            raise CommitConflictError(
+                f"commit refused: session '{session_id}' is at version {session.version} but "
+                f"only version {session.ingested_version} is ingested, so the answer would "
+                f"not see the newest appends; ask with consistency='latest' (or wait for "
+                f"ingestion) to commit"
+            )
+        if session.version != seen:
+            raise CommitConflictError(
+                f"commit refused: the answer saw version {seen} of session '{session_id}', "
+                f"which has moved on to version {session.version}; nothing was appended"
+            )
 
     def query_stream(
         self,
@@ -230,6 +308,7 @@ class StatefulEngine:
     ) -> AsyncIterator[QueryResult]:
         """Like :meth:`query`, yielding the answer as it is generated (a
         flash hit arrives whole, as one result)."""
+        self.rpc.check_alive()
         return self.queries.run(session_id, prompt, sampling_params, consistency, stream=True)
 
     # -------------------------------------------------------------------- flash
@@ -246,6 +325,7 @@ class StatefulEngine:
 
         Its answers are cached (see :meth:`query`) and pushed as ``flash``
         events. Sampling must be deterministic (greedy, or seeded)."""
+        self.rpc.check_alive()
         session = self.registry.get(session_id)
         fq = self.flash.make(prompt, sampling_params, flash_id, only_changed)
         self.flash.register(session, fq)

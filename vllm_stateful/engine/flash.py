@@ -187,7 +187,13 @@ class FlashBook:
     async def _evaluate(self, session: Session, fq: FlashQuery) -> None:
         version = session.ingested_version
         prompt_ids = session.tokens_at(version) + fq.token_ids
-        if len(prompt_ids) >= self.registry.max_model_len or session.closed:
+        # ``is``, not ``in``: a flash id dropped and registered again names
+        # another question; this evaluation belongs to the old one.
+        if (
+            len(prompt_ids) >= self.registry.max_model_len
+            or session.closed
+            or session.flash.get(fq.id) is not fq
+        ):
             return
         params = fq.params.clone()
         params.output_kind = RequestOutputKind.FINAL_ONLY
@@ -203,7 +209,8 @@ class FlashBook:
         completion = out.outputs[0]
         previous = session.flash_results.get(fq.id)
         # Evaluations may finish out of order; versions only move forward.
-        if session.closed or fq.id not in session.flash or (
+        # The registration must be the one this evaluation started for.
+        if session.closed or session.flash.get(fq.id) is not fq or (
             previous is not None and previous.version >= version
         ):
             return

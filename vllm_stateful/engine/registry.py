@@ -1,19 +1,29 @@
-"""The open sessions: admission (budget, counts, context length), lookup,
-closing and idle expiry. The only place a session's budget and pin are given
-back is :meth:`SessionRegistry.close`."""
+"""The sessions: admission (budget, counts, context length), lookup, the
+lifecycle (``SessionState``) and idle expiry.
+
+One release path, :meth:`SessionRegistry.release`, is the only place a
+session's budget and pin are given back: a close, an expiry, a create that
+is rolled back and an engine death all go through it. It runs as its own
+task, shielded from the caller's cancellation, and retries the CLOSE control
+request; the session keeps counting against the budget until the engine has
+acknowledged the CLOSE (so the budget never runs ahead of the pins).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from typing import Iterable, Iterator
 
+from vllm_stateful import metrics
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.budget import Budget
 from vllm_stateful.engine.rpc import EngineRPC
-from vllm_stateful.engine.session import Session, SessionEvent
+from vllm_stateful.engine.session import Session, SessionEvent, SessionState
 from vllm_stateful.errors import (
     ContextLengthError,
+    EngineDeadError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
@@ -23,6 +33,17 @@ from vllm_stateful.protocol import Op
 
 logger = logging.getLogger(__name__)
 
+# CLOSE attempts per release, and the pause before each retry.
+CLOSE_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
+# How often the housekeeping loop looks for expired sessions, failed releases
+# and a dead engine.
+TICK_S = 0.5
+# A failed release is retried this long after it failed.
+RETRY_FAILED_S = 5.0
+# How long a release waits for the session's ingestion to stop (its engine
+# request aborted) before it sends CLOSE anyway.
+STOP_INGEST_S = 5.0
+
 
 class SessionRegistry:
     def __init__(self, config: StatefulConfig, budget: Budget, rpc: EngineRPC, max_model_len: int):
@@ -30,10 +51,15 @@ class SessionRegistry:
         self.budget = budget
         self.rpc = rpc
         self.max_model_len = max_model_len
+        # Open sessions (creating, active) by id.
         self.sessions: dict[str, Session] = {}
+        # Ending sessions (closing, failed) by key: their pin may still be
+        # held, so they keep their budget until the CLOSE is acknowledged.
+        self.ending: dict[str, Session] = {}
         # Why recently closed sessions ended, so their ids get a clear error.
         self._ended: dict[str, str] = {}
         self._reaper: asyncio.Task | None = None
+        self._engine_dead_seen = False
 
     # ---------------------------------------------------------------- admission
 
@@ -49,10 +75,15 @@ class SessionRegistry:
     def check_grow(self, session_id: str, num_tokens: int) -> None:
         """May ``session_id`` hold ``num_tokens`` tokens? Raises if not."""
         self.check_fits(session_id, num_tokens)
-        others = self.budget.used(
-            len(s.tokens) for s in self.sessions.values() if s.id != session_id
-        )
+        me = self.sessions.get(session_id)
+        others = self.budget.used(len(s.tokens) for s in self.budgeted() if s is not me)
         self.budget.check(others, num_tokens, session_id)
+
+    def budgeted(self) -> Iterator[Session]:
+        """Every session that counts against the budget: open ones, and
+        ending ones whose CLOSE the engine has not acknowledged yet."""
+        yield from list(self.sessions.values())
+        yield from list(self.ending.values())
 
     def check_fits(self, session_id: str, num_tokens: int) -> None:
         # A request needs at least one free position to generate a token.
@@ -68,10 +99,18 @@ class SessionRegistry:
     # ---------------------------------------------------------------- lifecycle
 
     def add(self, session: Session) -> None:
+        """Register a session being created (state ``creating``)."""
+        assert session.state is SessionState.CREATING
         self._ended.pop(session.id, None)
         self.sessions[session.id] = session
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.create_task(self._reap_expired())
+            self._reaper = asyncio.create_task(self._housekeeping())
+
+    def activate(self, session: Session) -> None:
+        """The prefix is ingested: ``creating`` -> ``active``."""
+        if session.state is not SessionState.CREATING:
+            raise SessionClosedError(f"session '{session.id}' was {session.closed_reason}")
+        session.state = SessionState.ACTIVE
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -82,31 +121,126 @@ class SessionRegistry:
         return session
 
     async def close(self, session_id: str, reason: str = "closed") -> None:
-        """Close the session and release its pinned KV."""
-        session = self.get(session_id)
+        """Close the session and release its pinned KV; returns once the
+        release is over (closed, or failed and left for retry)."""
+        await self.release(self.get(session_id), reason)
+
+    async def release(self, session: Session, reason: str) -> None:
+        """The release path (see the module docstring). Idempotent: a second
+        call joins the first. Cancelling the caller does not stop it."""
+        await asyncio.shield(self.begin_release(session, reason))
+
+    def begin_release(self, session: Session, reason: str) -> asyncio.Task:
+        """Start releasing ``session`` (``closing``) unless that has begun;
+        returns the release task. Synchronous, so a caller being cancelled
+        cannot leave a session half-ended."""
+        if session.release_task is not None:
+            return session.release_task
+        session.state = SessionState.CLOSING
         session.closed_reason = reason
-        del self.sessions[session_id]
-        self._ended[session_id] = reason
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        self.ending[session.key] = session
+        self._ended[session.id] = reason
         if len(self._ended) > 10 * self.config.max_sessions:
             self._ended.pop(next(iter(self._ended)))
-        if session.ingest_task is not None:
-            session.ingest_task.cancel()
-        # The connector releases the pin and refuses to pin this key again, so
-        # an append that finishes after this still leaves nothing behind.
-        await self.rpc.control(session.key, Op.CLOSE)
-        session.pinned_tokens = 0
+        session.release_task = asyncio.create_task(self._release(session))
+        return session.release_task
+
+    async def _release(self, session: Session) -> None:
+        ingest = session.ingest_task
+        if ingest is not None and not ingest.done():
+            # Abort its engine request before CLOSE is sent, so no append of
+            # this session is still running when the pin is dropped (the
+            # connector also refuses to pin a key closed meanwhile).
+            ingest.cancel()
+            await asyncio.wait({ingest}, timeout=STOP_INGEST_S)
         async with session.changed:
-            session.changed.notify_all()
-        kind = "evicted" if reason != "closed" else "closed"
-        session.publish(SessionEvent(kind, session.version, {"reason": reason}))
+            session.changed.notify_all()  # waiters see the session ending
+        released = await self._send_close(session)
+        reason = session.closed_reason or "closed"
+        if released:
+            session.state = SessionState.CLOSED
+            session.pinned_tokens = 0
+            self.ending.pop(session.key, None)
+        else:
+            session.state = SessionState.FAILED
+            session.release_failed_at = time.monotonic()
+            metrics.RELEASE_FAILURES.inc()
+            logger.error(
+                "session '%s': the engine did not acknowledge CLOSE; its %d pinned tokens "
+                "stay budgeted and the release is retried", session.id, session.pinned_tokens,
+            )
+        if not session.announced_end:
+            # Subscribers always learn that the session ended, even when the
+            # pin could not be released yet (then it is retried).
+            session.announced_end = True
+            kind = "closed" if reason == "closed" else "evicted"
+            session.publish(SessionEvent(kind, session.version, {"reason": reason}))
+            session.subscribers.clear()
+
+    async def _send_close(self, session: Session) -> bool:
+        """CLOSE, retried; True once the engine acknowledged it (the pin is
+        gone)."""
+        for attempt, delay in enumerate((0.0, *CLOSE_RETRY_DELAYS_S)):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                report = await self.rpc.control(session.key, Op.CLOSE)
+            except EngineDeadError:
+                return False  # the pins died with the engine; nothing to retry
+            except Exception as exc:  # noqa: BLE001 - retried, then reported
+                logger.warning("session '%s': CLOSE attempt %d failed: %r", session.id, attempt + 1, exc)
+                continue
+            assert report.session_pinned_tokens == 0, report
+            return True
+        return False
+
+    def retry_failed(self) -> list[asyncio.Task]:
+        """Retry the release of every ``failed`` session now; returns the
+        release tasks (await them to wait for the outcome)."""
+        tasks = []
+        for session in list(self.ending.values()):
+            if session.state is SessionState.FAILED and session.release_task.done():
+                session.state = SessionState.CLOSING
+                session.release_task = asyncio.create_task(self._release(session))
+                tasks.append(session.release_task)
+        return tasks
 
     def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
 
-    async def _reap_expired(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Expire idle sessions, retry failed releases, end every session
+        when the engine dies. Survives any error of one pass: a DELETE
+        racing an expiry must never stop expiry."""
         while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for session in [s for s in self.sessions.values() if s.expired(now)]:
-                await self.close(session.id, reason="expired")
+            await asyncio.sleep(TICK_S)
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - logged; the next tick runs
+                logger.exception("session housekeeping failed; continuing")
+
+    def _tick(self, now: float) -> None:
+        if not self.rpc.alive:
+            if not self._engine_dead_seen:
+                self._engine_dead_seen = True
+                self._end_all(list(self.sessions.values()), "engine_dead")
+            return
+        self._end_all(
+            [s for s in self.sessions.values() if s.state is SessionState.ACTIVE and s.expired(now)],
+            "expired",
+        )
+        for session in list(self.ending.values()):
+            failed_at = session.release_failed_at
+            if session.state is SessionState.FAILED and now - (failed_at or now) >= RETRY_FAILED_S:
+                self.retry_failed()
+                break
+
+    def _end_all(self, sessions: Iterable[Session], reason: str) -> None:
+        for session in sessions:
+            try:
+                self.begin_release(session, reason)
+            except Exception:  # noqa: BLE001 - one session must not stop the rest
+                logger.exception("session '%s': could not start its release", session.id)

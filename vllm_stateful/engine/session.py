@@ -3,11 +3,21 @@
 Version ``v`` is the log's first ``lengths[v]`` tokens. Version 0 is the
 prefix (with the tokenizer's BOS). ``ingested_version`` is the newest version
 whose KV the engine holds pinned.
+
+A session's life (``SessionState``)::
+
+    creating --prefix ingested--> active --close/expiry--> closing --CLOSE acked--> closed
+        |                                                    |
+        +--prefix failed / caller gone--> closing            +--CLOSE failed--> failed --retry--> closed
+
+Only ``SessionRegistry`` moves a session past ``active``; budget and pin are
+given back in one place (its release path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,9 +26,30 @@ if TYPE_CHECKING:
     from vllm_stateful.engine.flash import FlashQuery, FlashResult
 
 
+class SessionState(str, enum.Enum):
+    CREATING = "creating"  # registered, prefix not yet ingested
+    ACTIVE = "active"
+    # Ending: no new work; still counts against the budget, because the
+    # engine may hold its pin until it acknowledged the CLOSE.
+    CLOSING = "closing"
+    CLOSED = "closed"  # the engine dropped the pin
+    FAILED = "failed"  # CLOSE not acknowledged; retried, still budgeted
+
+    @property
+    def open(self) -> bool:
+        return self in (SessionState.CREATING, SessionState.ACTIVE)
+
+
+# A subscriber that lets this many events pile up is dropped (config
+# ``max_event_queue``): one slow reader must not grow memory without limit.
+DEFAULT_MAX_EVENT_QUEUE = 1024
+
+
 @dataclass(frozen=True)
 class SessionEvent:
-    type: str  # "ingested" | "closed" | "evicted" | "flash"
+    # "ingested" | "flash" | "closed" | "evicted" | "dropped" (the last three
+    # end a subscription; "dropped" only for the reader that fell behind)
+    type: str
     version: int
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -35,6 +66,7 @@ class SessionStats:
     ingest_computed_tokens: int  # prompt tokens the engine computed to ingest
     created_at: float
     expires_at: float | None
+    state: str = SessionState.ACTIVE.value
 
 
 @dataclass
@@ -53,11 +85,18 @@ class Session:
     ingest_computed_tokens: int = 0
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    state: SessionState = SessionState.CREATING
+    # Set when the session starts ending (closing): why it ended.
     closed_reason: str | None = None
+    # The registry's release path (engine/registry.py) owns these three.
+    release_task: asyncio.Task | None = None
+    release_failed_at: float | None = None  # monotonic; state FAILED
+    announced_end: bool = False  # subscribers got closed/evicted
     ingest_error: BaseException | None = None
     ingest_task: asyncio.Task | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     subscribers: set[asyncio.Queue] = field(default_factory=set)
+    max_event_queue: int = DEFAULT_MAX_EVENT_QUEUE
     flash: dict[str, FlashQuery] = field(default_factory=dict)
     # The newest answer per flash query; versions only move forward.
     flash_results: dict[str, FlashResult] = field(default_factory=dict)
@@ -96,8 +135,21 @@ class Session:
         return self.ttl_s is not None and now - self.last_used > self.ttl_s
 
     def publish(self, event: SessionEvent) -> None:
-        for queue in self.subscribers:
-            queue.put_nowait(event)
+        """Queue ``event`` for every subscriber. A subscriber with
+        ``max_event_queue`` events unread gets a final ``dropped`` event
+        instead and is removed, so a queue never holds more than
+        ``max_event_queue + 1`` events. The session's own end (``closed``,
+        ``evicted``) is always delivered: it is final too."""
+        final = event.type in ("closed", "evicted")
+        for queue in list(self.subscribers):
+            if queue.qsize() >= self.max_event_queue and not final:
+                self.subscribers.discard(queue)
+                queue.put_nowait(SessionEvent("dropped", event.version, {
+                    "reason": f"the reader fell behind: {queue.qsize()} events unread "
+                              f"(max_event_queue {self.max_event_queue})",
+                }))
+            else:
+                queue.put_nowait(event)
 
     def stats(self) -> SessionStats:
         return SessionStats(
@@ -112,4 +164,5 @@ class Session:
             ingest_computed_tokens=self.ingest_computed_tokens,
             created_at=self.created_at,
             expires_at=self.expires_at,
+            state=self.state.value,
         )

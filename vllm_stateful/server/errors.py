@@ -14,7 +14,9 @@ from pydantic import ValidationError
 from vllm_stateful.errors import (
     AccessDeniedError,
     BudgetExceededError,
+    CommitConflictError,
     ContextLengthError,
+    EngineDeadError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
@@ -69,6 +71,8 @@ ERRORS_BY_CODE: dict[str, type[StatefulError]] = {
         SessionExistsError,
         ContextLengthError,
         BudgetExceededError,
+        CommitConflictError,
+        EngineDeadError,
         AccessDeniedError,
         UnauthorizedError,
         ApiKeyError,

@@ -35,6 +35,7 @@ class StatefulEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_stateful.server.admin_routes import router as admin_router
         from vllm_stateful.server.routes import router
 
         # Keep the stock routes before vLLM replaces them with ours.
@@ -42,6 +43,7 @@ class StatefulEndpointPlugin:
             path: route for path in _WRAPPED if (route := find_route(app, path, "POST"))
         }
         app.include_router(router)
+        app.include_router(admin_router)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         from vllm.renderers.chat_utils import load_chat_template

@@ -181,10 +181,13 @@ def _stats(st: ServerState, session_id: str) -> SessionStats:
 async def create_session(request: Request) -> Response:
     st = server_state(request)
     body = await _body(request, CreateSessionRequest, default={})
-    # Not cancelled on disconnect: a session created for nobody would hold
-    # KV with no one holding its token.
     flash = [_flash_spec(st, f) for f in body.flash]
-    session = await st.engine.create_session(body.prefix, body.session_id, body.ttl_s, flash)
+    # Cancelled when the client hangs up first: the engine then rolls the
+    # session back (nobody would ever hold its token), budget and pin
+    # included.
+    session = await _unless_disconnected(
+        request, st.engine.create_session(body.prefix, body.session_id, body.ttl_s, flash)
+    )
     out = CreateSessionResponse(
         id=session.id,
         token=session.access_token,
@@ -241,7 +244,8 @@ async def append(session_id: str, request: Request) -> Response:
 @handles_errors
 async def events(session_id: str, request: Request) -> Response:
     """SSE: ``ingested`` per ingested version (coalesced appends give one
-    event for the newest version), then ``closed`` or ``evicted`` last."""
+    event for the newest version), then ``closed`` or ``evicted`` last, or
+    ``dropped`` when this reader fell ``max_event_queue`` events behind."""
     st = server_state(request)
     authorize(st.engine, session_id, request)
     # Subscribed before the response starts: a client that has the headers

@@ -67,6 +67,7 @@ class SessionStats(_Open):
     ingest_requests: int
     created_at: float  # unix time
     expires_at: float | None  # unix time; None: no TTL
+    state: str = "active"  # creating | active (only open sessions are listed)
 
 
 class SessionList(_Open):

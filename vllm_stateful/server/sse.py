@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 
 DONE = "data: [DONE]\n\n"
-# Session event types after which the stream ends: the session is gone.
-FINAL_EVENTS = ("closed", "evicted")
+# Session event types after which the stream ends: the session is gone, or
+# this reader fell too far behind and was dropped.
+FINAL_EVENTS = ("closed", "evicted", "dropped")
 
 
 def data_line(obj: BaseModel | dict[str, Any]) -> str:

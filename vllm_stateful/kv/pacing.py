@@ -27,7 +27,7 @@ from dataclasses import dataclass
 class StepCostModel:
     slack: float = 0.25
     idle_factor: float = 6.0
-    min_tokens: int = 16  # progress is guaranteed whatever the measurements say
+    min_tokens: int = 4  # progress is guaranteed whatever the measurements say
     max_tokens: int = 8192
     alpha: float = 0.2  # weight of a new sample in the moving averages
     base_s: float | None = None  # a pure decode step

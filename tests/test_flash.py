@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from vllm import SamplingParams
 
-from helpers import greedy, reference
+from helpers import greedy, reference, until
 from vllm_stateful import BudgetExceededError, InvalidInputError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -115,6 +115,10 @@ async def test_flash_registration_errors_and_drop(engine):
     engine.drop_flash(session.id, seeded.id)
     await engine.append(session.id, [6, 6])
     await engine.wait_ingested(session.id)
-    await asyncio.sleep(0.5)
+    # Nothing registered, nothing dirty, nothing in flight (an evaluation
+    # still running for the dropped query publishes nothing): no flash event
+    # can come later, so checking the queue now is conclusive.
+    await until(lambda: engine.rpc.unfinished() == 0)
+    assert session.flash == {} and not session.flash_dirty
     while not events.empty():
         assert events.get_nowait().type != "flash"

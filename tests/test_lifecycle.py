@@ -2,21 +2,19 @@
 its budget and pin exactly once, subscribers always hear the end, and the
 engine's pins agree with the API's accounting afterwards.
 
-Faults are injected by wrapping ``EngineRPC.generate`` (our object; every
-request still runs on the real engine). Waits are for positive conditions
+Faults are injected by wrapping ``EngineRPC.generate`` (``helpers.RpcFaults``;
+every request still runs on the real engine). Waits are for positive conditions
 with a deadline, never a sleep followed by a negative check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any, AsyncIterator, Callable
 
 import pytest
 
 from conftest import BLOCK_SIZE, MAX_MODEL_LEN, NUM_BLOCKS
-from helpers import greedy, reference
+from helpers import RpcFaults, greedy, reference, until
 from vllm_stateful import StatefulConfig, StatefulEngine
 from vllm_stateful.engine import registry as registry_module
 from vllm_stateful.engine.budget import budget_limit
@@ -31,16 +29,6 @@ from vllm_stateful.protocol import Op
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 USABLE_BLOCKS = NUM_BLOCKS - 1  # vLLM keeps one null block
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Wait for ``predicate`` to hold (polling the event loop); fail after
-    ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
 
 
 async def settled(engine, free_blocks: int) -> None:
@@ -68,37 +56,9 @@ def drain(queue: asyncio.Queue) -> list:
     return out
 
 
-class Faults:
-    """Wraps ``engine.rpc.generate``: requests of chosen ops can be held at a
-    gate or made to fail; everything else reaches the real engine."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.original = engine.rpc.generate
-        self.fail: Callable[[str, list[int], Op], bool] = lambda key, prompt, op: False
-        self.hold_op: Op | None = None
-        self.arrived = asyncio.Event()
-        self.gate = asyncio.Event()
-        self.calls: list[tuple[str, Op]] = []
-
-    def generate(self, key: str, prompt_ids: list[int], params: Any, op: Op) -> AsyncIterator:
-        self.calls.append((key, op))
-        return self._generate(key, prompt_ids, params, op)
-
-    async def _generate(self, key, prompt_ids, params, op) -> AsyncIterator:
-        if self.fail(key, prompt_ids, op):
-            raise RuntimeError(f"injected failure of {op.value}")
-        if op is self.hold_op:
-            self.arrived.set()
-            await self.gate.wait()
-        async with contextlib.aclosing(self.original(key, prompt_ids, params, op)) as outs:
-            async for out in outs:
-                yield out
-
-
 @pytest.fixture
 def faults(engine, monkeypatch):
-    f = Faults(engine)
+    f = RpcFaults(engine)
     monkeypatch.setattr(engine.rpc, "generate", f.generate)
     return f
 

@@ -66,7 +66,9 @@ def test_flash_registration_errors_and_drop(server: Server, http: httpx.Client, 
     r = http.post(url, json={"prompt": "x", "temperature": 0.7}, headers=s.headers)
     assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
     r = http.post(url, json={"prompt": ""}, headers=s.headers)
-    assert r.status_code == 400 and r.json()["error"]["param"] is not None or "prompt" in r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["message"] == "prompt: prompt must not be empty"
     r = http.post(url, json={"prompt": "x", "temperature": 0.7, "seed": 3, "id": "a"}, headers=s.headers)
     assert r.status_code == 201 and r.json()["id"] == "a" and r.json()["seed"] == 3
     r = http.post(url, json={"prompt": "y", "id": "a"}, headers=s.headers)

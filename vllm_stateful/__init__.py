@@ -3,8 +3,10 @@
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.errors import (
     AccessDeniedError,
+    BacklogFullError,
     BudgetExceededError,
     ContextLengthError,
+    IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
@@ -14,8 +16,10 @@ from vllm_stateful.errors import (
 
 __all__ = [
     "AccessDeniedError",
+    "BacklogFullError",
     "BudgetExceededError",
     "ContextLengthError",
+    "IngestionFailedError",
     "InvalidInputError",
     "QueryResult",
     "SessionClosedError",

@@ -58,6 +58,32 @@ class AccessDeniedError(StatefulError):
     code = "forbidden"
 
 
+class BacklogFullError(StatefulError):
+    """The session's (or the server's) appended-but-not-ingested tokens
+    would pass their bound. Nothing was appended; retry after
+    ``retry_after_s`` seconds (estimated from the measured ingest rate)."""
+
+    http_status = 429
+    code = "ingest_backlog_full"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class IngestionFailedError(StatefulError):
+    """The engine request that ingests the session failed. The session and
+    everything appended are kept; the next append (or
+    ``StatefulEngine.retry_ingest``) retries."""
+
+    http_status = 503
+    code = "ingestion_failed"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CommitConflictError(StatefulError):
     """``commit`` refused: the session moved past the version the answer saw,
     so appending question and answer would put them after data the answer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from vllm_stateful.engine import StatefulEngine
@@ -40,6 +40,17 @@ RECONCILE_MISMATCHES = Gauge(
     "vllm_stateful_reconcile_mismatches",
     "Disagreements between engine-side pins and API-side accounting at the last reconciliation",
 )
+BACKLOG_TOKENS = Gauge(
+    "vllm_stateful_backlog_tokens", "Tokens appended to sessions but not yet ingested"
+)
+INGEST_LAG = Histogram(
+    "vllm_stateful_ingest_lag_seconds",
+    "Time from an append to the ingestion of its version",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+APPENDS_REJECTED = Counter(
+    "vllm_stateful_appends_rejected", "Appends refused because an ingest backlog bound was full"
+)
 
 
 def bind(engine: StatefulEngine) -> None:
@@ -50,3 +61,6 @@ def bind(engine: StatefulEngine) -> None:
     SESSIONS_ENDING.set_function(lambda: len(engine.registry.ending))
     BUDGET_TOKENS.set(engine.budget.limit_tokens)
     FLASH_QUERIES.set_function(lambda: sum(len(s.flash) for s in engine.sessions.values()))
+    BACKLOG_TOKENS.set_function(
+        lambda: sum(s.backlog_tokens for s in list(engine.sessions.values()))
+    )

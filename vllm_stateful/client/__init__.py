@@ -17,8 +17,10 @@ from vllm_stateful.client.aio import AsyncClient, AsyncSession
 from vllm_stateful.client.sync import Client, Session
 from vllm_stateful.errors import (
     AccessDeniedError,
+    BacklogFullError,
     BudgetExceededError,
     ContextLengthError,
+    IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
@@ -38,10 +40,12 @@ __all__ = [
     "ApiKeyError",
     "AsyncClient",
     "AsyncSession",
+    "BacklogFullError",
     "BudgetExceededError",
     "Client",
     "Completion",
     "ContextLengthError",
+    "IngestionFailedError",
     "InvalidInputError",
     "ModelNotFoundError",
     "Session",

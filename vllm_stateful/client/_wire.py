@@ -70,6 +70,7 @@ def query_call(
     consistency: Consistency,
     commit: bool,
     sampling: dict[str, Any],
+    max_staleness_ms: float | None = None,
 ) -> Call:
     # Validated here with the server's own schema: a bad argument fails
     # before any request is sent, with the message the server would give.
@@ -81,6 +82,7 @@ def query_call(
             consistency=consistency,
             commit=commit,
             stream=stream,
+            max_staleness_ms=max_staleness_ms,
             **sampling,
         )
     except ValidationError as exc:
@@ -103,15 +105,16 @@ def flash_call(session_id: str, token: str, fields: dict[str, Any]) -> Call:
     return Call("POST", f"/v1/sessions/{session_id}/flash", json=body, token=token)
 
 
-def raise_for(status: int, content: bytes) -> None:
-    """Raise the typed error a non-2xx response carries."""
+def raise_for(status: int, content: bytes, retry_after: str | None = None) -> None:
+    """Raise the typed error a non-2xx response carries (``retry_after``:
+    the ``Retry-After`` header, for the errors that carry one)."""
     if status < 400:
         return
     try:
         body: Any = json.loads(content)
     except ValueError:
         body = {"error": {"message": content.decode(errors="replace") or f"HTTP {status}"}}
-    raise error_from_body(status, body)
+    raise error_from_body(status, body, retry_after)
 
 
 class SSEParser:

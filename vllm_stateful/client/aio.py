@@ -50,7 +50,7 @@ class AsyncClient:
         r = await self._http.request(
             call.method, call.path, json=call.json, params=call.params, headers=call.headers()
         )
-        _wire.raise_for(r.status_code, r.content)
+        _wire.raise_for(r.status_code, r.content, r.headers.get("Retry-After"))
         return r.json()
 
     async def _stream(
@@ -62,7 +62,7 @@ class AsyncClient:
             headers=call.headers(), timeout=timeout,
         ) as r:  # fmt: skip
             if r.status_code >= 400:
-                _wire.raise_for(r.status_code, await r.aread())
+                _wire.raise_for(r.status_code, await r.aread(), r.headers.get("Retry-After"))
             parser = _wire.SSEParser()
             async for line in r.aiter_lines():
                 if (msg := parser.feed(line)) is not None:
@@ -111,12 +111,14 @@ class AsyncSession:
         temperature: float | None = None,
         consistency: Consistency = "ingested",
         commit: bool = False,
+        max_staleness_ms: float | None = None,
         **sampling: Any,
     ) -> Completion:
         """Answer ``prompt`` after the session's context."""
         call = _wire.query_call(
             self.id, self.token, prompt, stream=False, max_tokens=max_tokens,
             temperature=temperature, consistency=consistency, commit=commit, sampling=sampling,
+            max_staleness_ms=max_staleness_ms,
         )  # fmt: skip
         return Completion.model_validate(await self.client._send(call))
 
@@ -126,12 +128,14 @@ class AsyncSession:
         max_tokens: int | None = None,
         temperature: float | None = None,
         consistency: Consistency = "ingested",
+        max_staleness_ms: float | None = None,
         **sampling: Any,
     ) -> AsyncIterator[str]:
         """Text deltas of the answer as they are generated."""
         call = _wire.query_call(
             self.id, self.token, prompt, stream=True, max_tokens=max_tokens,
             temperature=temperature, consistency=consistency, commit=False, sampling=sampling,
+            max_staleness_ms=max_staleness_ms,
         )  # fmt: skip
         async for _, data in self.client._stream(call, read_timeout=None):
             delta = _wire.completion_delta(data)

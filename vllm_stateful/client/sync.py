@@ -51,7 +51,7 @@ class Client:
         r = self._http.request(
             call.method, call.path, json=call.json, params=call.params, headers=call.headers()
         )
-        _wire.raise_for(r.status_code, r.content)
+        _wire.raise_for(r.status_code, r.content, r.headers.get("Retry-After"))
         return r.json()
 
     def _stream(self, call: _wire.Call, read_timeout: float | None) -> Iterator[tuple[str, str]]:
@@ -61,7 +61,7 @@ class Client:
             headers=call.headers(), timeout=timeout,
         ) as r:  # fmt: skip
             if r.status_code >= 400:
-                _wire.raise_for(r.status_code, r.read())
+                _wire.raise_for(r.status_code, r.read(), r.headers.get("Retry-After"))
             parser = _wire.SSEParser()
             for line in r.iter_lines():
                 if (msg := parser.feed(line)) is not None:
@@ -112,6 +112,7 @@ class Session:
         temperature: float | None = None,
         consistency: Consistency = "ingested",
         commit: bool = False,
+        max_staleness_ms: float | None = None,
         **sampling: Any,
     ) -> Completion:
         """Answer ``prompt`` after the session's context (``.text`` is the
@@ -120,6 +121,7 @@ class Session:
         call = _wire.query_call(
             self.id, self.token, prompt, stream=False, max_tokens=max_tokens,
             temperature=temperature, consistency=consistency, commit=commit, sampling=sampling,
+            max_staleness_ms=max_staleness_ms,
         )  # fmt: skip
         return Completion.model_validate(self.client._send(call))
 
@@ -129,12 +131,14 @@ class Session:
         max_tokens: int | None = None,
         temperature: float | None = None,
         consistency: Consistency = "ingested",
+        max_staleness_ms: float | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
         """Like :meth:`query`, yielding text deltas as they are generated."""
         call = _wire.query_call(
             self.id, self.token, prompt, stream=True, max_tokens=max_tokens,
             temperature=temperature, consistency=consistency, commit=False, sampling=sampling,
+            max_staleness_ms=max_staleness_ms,
         )  # fmt: skip
         for _, data in self.client._stream(call, read_timeout=None):
             delta = _wire.completion_delta(data)

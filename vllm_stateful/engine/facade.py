@@ -17,7 +17,8 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 
 from vllm_stateful import metrics
-from vllm_stateful.config import StatefulConfig, connector_config
+from vllm_stateful.config import StatefulConfig, connector_config, scheduler_cls
+from vllm_stateful.engine.backlog import check_backlog
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
@@ -27,18 +28,25 @@ from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
-from vllm_stateful.errors import CommitConflictError, InvalidInputError, SessionClosedError
+from vllm_stateful.errors import (
+    CommitConflictError,
+    IngestionFailedError,
+    InvalidInputError,
+    SessionClosedError,
+)
 from vllm_stateful.protocol import Op
 
 Data = str | Sequence[int]
 
 
 def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
-    """``AsyncEngineArgs`` with the session connector and prefix caching on,
-    and float32 by default on CPUs without native bf16 (``cpu_dtype.py``)."""
+    """``AsyncEngineArgs`` with the session connector, the session-aware
+    scheduler and prefix caching on, and float32 by default on CPUs without
+    native bf16 (``cpu_dtype.py``)."""
     from vllm_stateful.cpu_dtype import default_dtype
 
     kwargs.setdefault("enable_prefix_caching", True)
+    kwargs.setdefault("scheduler_cls", scheduler_cls())
     kwargs["kv_transfer_config"] = connector_config()
     # float32 on CPUs without native bf16, unless a dtype was given.
     if (dtype := default_dtype(kwargs.get("dtype"))) is not None:
@@ -80,6 +88,7 @@ class StatefulEngine:
         self.flash = FlashBook(self.config, self.registry, self.rpc, self.encode)
         self.ingestor = Ingestor(
             self.rpc,
+            self.config.ingest_chunk_tokens,
             on_new_version=self.flash.scheduler.preempt,
             on_ingested=self.flash.scheduler.notify,
         )
@@ -159,13 +168,19 @@ class StatefulEngine:
     async def append(self, session_id: str, data: Data) -> int:
         """Append text or token ids; returns the new version at once.
 
-        Ingestion runs in the background, in order; appends that arrive while
-        one is ingested are coalesced into the next engine request.
+        Ingestion runs in the background, in order, in chunks of at most
+        ``ingest_chunk_tokens``; appends that arrive while one is ingested are
+        coalesced into the next engine request. Past a backlog bound the
+        append is refused (``BacklogFullError``) and nothing changes.
         """
         self.rpc.check_alive()
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
         self.registry.check_grow(session_id, len(session.tokens) + len(token_ids))
+        check_backlog(
+            self.config, session, self.registry.sessions.values(), len(token_ids),
+            self.ingestor.rate_tps,
+        )  # fmt: skip
         version = session.extend(token_ids)
         session.touch()
         self.ingestor.kick(session)
@@ -194,9 +209,20 @@ class StatefulEngine:
             self.rpc.check_alive()  # the housekeeping loop ends sessions when it dies
             if session.closed:
                 raise SessionClosedError(f"session '{session_id}' was {session.closed_reason}")
-            raise RuntimeError(f"ingestion failed: {session.ingest_error!r}")
+            raise IngestionFailedError(
+                f"ingesting session '{session_id}' failed: {session.ingest_error!r}; the "
+                f"session and its appends are kept, and the next append (or retry_ingest) "
+                f"retries"
+            )
 
         return await asyncio.wait_for(done(), timeout)
+
+    async def retry_ingest(self, session_id: str) -> int:
+        """Restart ingestion after a failure (the next append does too);
+        returns the version it works towards. A no-op while it runs."""
+        session = self.registry.get(session_id)
+        self.ingestor.kick(session)
+        return session.version
 
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
         """Close the session and release its pinned KV. Returns once the
@@ -262,9 +288,16 @@ class StatefulEngine:
         sampling_params: SamplingParams | None = None,
         consistency: str = "ingested",
         commit: bool = False,
+        max_staleness_ms: float | None = None,
     ) -> QueryResult:
         """Answer ``prompt`` after the session's context. The session is not
         changed unless ``commit`` is set, which appends question and answer.
+
+        A matching flash query's cached answer is served when it is on the
+        newest ingested version, or on an older one whose successor was
+        ingested at most ``max_staleness_ms`` ago (default: the flash
+        query's own bound; none: newest only). ``result.staleness_ms`` says
+        how stale it was.
 
         ``commit`` appends question and answer at the version the answer saw,
         or refuses (``CommitConflictError``, nothing appended) when the
@@ -276,8 +309,9 @@ class StatefulEngine:
             self._check_commit(session_id, None)
         result = None
         async for result in self.queries.run(
-            session_id, prompt, sampling_params, consistency, stream=False, allow_flash=not commit
-        ):
+            session_id, prompt, sampling_params, consistency, stream=False,
+            allow_flash=not commit, max_staleness_ms=max_staleness_ms,
+        ):  # fmt: skip
             pass
         assert result is not None
         if commit:
@@ -311,11 +345,15 @@ class StatefulEngine:
         prompt: Data,
         sampling_params: SamplingParams | None = None,
         consistency: str = "ingested",
+        max_staleness_ms: float | None = None,
     ) -> AsyncIterator[QueryResult]:
         """Like :meth:`query`, yielding the answer as it is generated (a
         flash hit arrives whole, as one result)."""
         self.rpc.check_alive()
-        return self.queries.run(session_id, prompt, sampling_params, consistency, stream=True)
+        return self.queries.run(
+            session_id, prompt, sampling_params, consistency, stream=True,
+            max_staleness_ms=max_staleness_ms,
+        )  # fmt: skip
 
     # -------------------------------------------------------------------- flash
 
@@ -326,14 +364,17 @@ class StatefulEngine:
         sampling_params: SamplingParams | None = None,
         flash_id: str | None = None,
         only_changed: bool = False,
+        max_staleness_ms: float | None = None,
     ) -> FlashQuery:
         """Register a question to be answered after every ingested version.
 
         Its answers are cached (see :meth:`query`) and pushed as ``flash``
-        events. Sampling must be deterministic (greedy, or seeded)."""
+        events. Sampling must be deterministic (greedy, or seeded).
+        ``max_staleness_ms`` is the default bound for serving its answer
+        after a newer version was ingested."""
         self.rpc.check_alive()
         session = self.registry.get(session_id)
-        fq = self.flash.make(prompt, sampling_params, flash_id, only_changed)
+        fq = self.flash.make(prompt, sampling_params, flash_id, only_changed, max_staleness_ms)
         self.flash.register(session, fq)
         return fq
 

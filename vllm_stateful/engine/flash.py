@@ -53,6 +53,31 @@ def check_cacheable(params: SamplingParams) -> None:
         raise InvalidInputError("flash queries produce one answer (n must be 1)")
 
 
+def check_staleness(max_staleness_ms: Any) -> float | None:
+    if max_staleness_ms is None:
+        return None
+    if isinstance(max_staleness_ms, bool) or not isinstance(max_staleness_ms, (int, float)) or not (
+        max_staleness_ms >= 0
+    ):
+        raise InvalidInputError(
+            f"max_staleness_ms must be a number >= 0, got {max_staleness_ms!r}"
+        )
+    return float(max_staleness_ms)
+
+
+def staleness_ms(session: Session, version: int, now: float) -> float | None:
+    """0 for the newest ingested version; else ms since the version that
+    superseded ``version`` (the next one ingested) was ingested. None when
+    ``version`` is older than the session's bounded history."""
+    if version == session.ingested_version:
+        return 0.0
+    history = list(session.ingested_history)
+    for (v, _), (_, superseded_at) in zip(history, history[1:]):
+        if v == version:
+            return (now - superseded_at) * 1e3
+    return None
+
+
 def confidence(token_ids: list[int], logprobs: Any) -> float:
     """Geometric-mean probability of the answer's tokens, in [0, 1]: 1.0
     when the model was certain of every token it produced."""
@@ -69,6 +94,9 @@ class FlashQuery:
     token_ids: list[int]  # the question's tokens
     params: SamplingParams
     only_changed: bool = False  # push only answers that differ from the last
+    # Default bound for serving this query's answer after a newer version
+    # is ingested (a query's own max_staleness_ms overrides it).
+    max_staleness_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,7 @@ class FlashBook:
         self.scheduler = FlashScheduler(
             evaluate=self._evaluate, is_idle=self._engine_idle,
             concurrency=config.flash_concurrency,
+            engine_orders=rpc.engine_orders,
         )
 
     # ------------------------------------------------------------ registration
@@ -109,6 +138,7 @@ class FlashBook:
         sampling_params: SamplingParams | None = None,
         flash_id: str | None = None,
         only_changed: bool = False,
+        max_staleness_ms: float | None = None,
     ) -> FlashQuery:
         params = own_params(sampling_params)
         check_cacheable(params)
@@ -120,6 +150,7 @@ class FlashBook:
             token_ids=self.encode(prompt),
             params=params,
             only_changed=bool(only_changed),
+            max_staleness_ms=check_staleness(max_staleness_ms),
         )
 
     def check_room(self, adding: int, in_session: int) -> None:
@@ -150,31 +181,47 @@ class FlashBook:
     # -------------------------------------------------------------------- hits
 
     def hit(
-        self, session: Session, prompt_ids: list[int], params: SamplingParams, version: int
+        self,
+        session: Session,
+        question: list[int],
+        params: SamplingParams,
+        max_staleness_ms: float | None,
+        min_version: int = 0,
     ) -> QueryResult | None:
         """The cached answer of a flash query with this question and these
-        sampling settings on ``version``, if there is one."""
-        question = prompt_ids[session.lengths[version]:]
+        sampling settings, if it may be served: on the newest ingested
+        version, or on an older one (not below ``min_version``) superseded
+        at most ``max_staleness_ms`` ago (default: the flash query's own
+        bound; 0 or None serve only the newest)."""
         key = params_key(params)
+        now = time.monotonic()
         for fid, fq in session.flash.items():
-            hit = session.flash_results.get(fid)
+            cached = session.flash_results.get(fid)
             if (
-                hit is not None
-                and hit.version == version
-                and fq.token_ids == question
-                and params_key(fq.params) == key
+                cached is None
+                or cached.version < min_version
+                or fq.token_ids != question
+                or params_key(fq.params) != key
             ):
-                metrics.QUERIES.labels("flash_cache").inc()
-                return QueryResult(
-                    text=hit.text,
-                    token_ids=list(hit.token_ids),
-                    version=hit.version,
-                    prompt_tokens=len(prompt_ids),
-                    computed_tokens=0,
-                    finish_reason=hit.finish_reason,
-                    flash=True,
-                    computed_at=hit.computed_at,
-                )
+                continue
+            stale = staleness_ms(session, cached.version, now)
+            bound = max_staleness_ms if max_staleness_ms is not None else fq.max_staleness_ms
+            # A superseded answer has been stale for some time > 0, so a
+            # bound of 0 never serves one (deterministically).
+            if stale is None or (stale > 0 and not (bound and stale <= bound)):
+                continue
+            metrics.QUERIES.labels("flash_cache").inc()
+            return QueryResult(
+                text=cached.text,
+                token_ids=list(cached.token_ids),
+                version=cached.version,
+                prompt_tokens=session.lengths[cached.version] + len(question),
+                computed_tokens=0,
+                finish_reason=cached.finish_reason,
+                flash=True,
+                computed_at=cached.computed_at,
+                staleness_ms=stale,
+            )
         return None
 
     # ------------------------------------------------------------- evaluation

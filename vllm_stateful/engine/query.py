@@ -15,7 +15,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from vllm_stateful import metrics
-from vllm_stateful.engine.flash import FlashBook
+from vllm_stateful.engine.flash import FlashBook, check_staleness
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.result import QueryResult
 from vllm_stateful.engine.rpc import EngineRPC, own_params
@@ -60,12 +60,15 @@ class Querier:
         consistency: str,
         stream: bool,
         allow_flash: bool = True,
+        max_staleness_ms: float | None = None,
     ) -> AsyncIterator[QueryResult]:
         """Yield the answer: deltas when ``stream``, else one final result.
-        A flash hit arrives whole, as one result."""
+        A flash hit arrives whole, as one result; it may be on an older
+        version than the newest ingested within ``max_staleness_ms``."""
         session = self.registry.get(session_id)
         if consistency not in CONSISTENCY:
             raise InvalidInputError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        max_staleness_ms = check_staleness(max_staleness_ms)
         params = own_params(sampling_params)
         question = self.encode(prompt)
         target = session.version if consistency == "latest" else 0
@@ -77,7 +80,13 @@ class Querier:
         params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         session.touch()
 
-        hit = self.flash.hit(session, prompt_ids, params, version) if allow_flash else None
+        # "latest" means at least the version current when asked: a stale
+        # answer may not go below it.
+        hit = (
+            self.flash.hit(session, question, params, max_staleness_ms, min_version=target)
+            if allow_flash
+            else None
+        )
         if hit is not None:
             yield hit
             return

@@ -20,6 +20,9 @@ class QueryResult:
     committed_version: int | None = None
     flash: bool = False  # answered from a flash query's cache
     computed_at: float | None = None  # when a flash answer was computed
+    # 0 when the answer is on the newest ingested version; else ms since the
+    # version that superseded it was ingested (bounded-staleness flash hits).
+    staleness_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,16 @@ class SessionStats:
     ingest_computed_tokens: int  # prompt tokens the engine computed to ingest
     created_at: float
     expires_at: float | None
-    state: str = SessionState.ACTIVE.value
+    ingested_tokens: int  # tokens pinned (chunk ends included)
+    backlog_tokens: int  # appended but not yet ingested
+    ingest_lag_s: float  # age of the oldest un-ingested append; 0.0 when caught up
+    ingest_rate_tps: float | None  # smoothed; None before the first measurement
+    state: str = "active"  # SessionState value; stats exist for open sessions only
+
+
+# How many (version, ingested time) entries a session keeps for
+# bounded-staleness flash reads: older answers are simply not served stale.
+INGESTED_HISTORY = 256
 
 
 @dataclass
@@ -101,10 +111,18 @@ class Session:
     # The newest answer per flash query; versions only move forward.
     flash_results: dict[str, FlashResult] = field(default_factory=dict)
     flash_dirty: set[str] = field(default_factory=set)
+    # Ingestion progress and pace (engine/ingest.py). Times are monotonic.
+    ingested_tokens: int = 0
+    ingest_rate_tps: float | None = None
+    # (version, appended at) of versions not yet ingested, oldest first.
+    unacked: deque = field(default_factory=deque)
+    # (version, ingested at) of the versions ingested_version took, newest last.
+    ingested_history: deque = field(default_factory=lambda: deque(maxlen=INGESTED_HISTORY))
 
     def __post_init__(self) -> None:
         if not self.lengths:
             self.lengths = [len(self.tokens)]
+        self.unacked.append((self.version, time.monotonic()))
 
     @property
     def version(self) -> int:
@@ -120,7 +138,17 @@ class Session:
     def extend(self, token_ids: list[int]) -> int:
         self.tokens.extend(token_ids)
         self.lengths.append(len(self.tokens))
+        self.unacked.append((self.version, time.monotonic()))
         return self.version
+
+    @property
+    def backlog_tokens(self) -> int:
+        return len(self.tokens) - self.ingested_tokens
+
+    def ingest_lag_s(self, now: float | None = None) -> float:
+        if not self.unacked:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self.unacked[0][1]
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -164,5 +192,9 @@ class Session:
             ingest_computed_tokens=self.ingest_computed_tokens,
             created_at=self.created_at,
             expires_at=self.expires_at,
+            ingested_tokens=self.ingested_tokens,
+            backlog_tokens=self.backlog_tokens,
+            ingest_lag_s=self.ingest_lag_s(),
+            ingest_rate_tps=self.ingest_rate_tps,
             state=self.state.value,
         )

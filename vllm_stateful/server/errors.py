@@ -13,10 +13,12 @@ from pydantic import ValidationError
 
 from vllm_stateful.errors import (
     AccessDeniedError,
+    BacklogFullError,
     BudgetExceededError,
     CommitConflictError,
     ContextLengthError,
     EngineDeadError,
+    IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
@@ -71,6 +73,8 @@ ERRORS_BY_CODE: dict[str, type[StatefulError]] = {
         SessionExistsError,
         ContextLengthError,
         BudgetExceededError,
+        BacklogFullError,
+        IngestionFailedError,
         CommitConflictError,
         EngineDeadError,
         AccessDeniedError,
@@ -123,12 +127,15 @@ def invalid_input(exc: ValidationError) -> InvalidInputError:
     return err
 
 
-def error_from_body(status: int, body: object) -> StatefulError:
+def error_from_body(
+    status: int, body: object, retry_after: str | None = None
+) -> StatefulError:
     """Rebuild the typed error from a response (the client's side).
 
     Falls back on the status when the body is not ours (vLLM's own
     ``{"error": "Unauthorized"}`` from ``--api-key``, or its error format with
-    an integer ``code``).
+    an integer ``code``). ``retry_after`` is the ``Retry-After`` header; it
+    sets ``retry_after_s`` on the errors that carry one.
     """
     message, code, param = f"HTTP {status}", None, None
     if isinstance(body, dict) and "error" in body:
@@ -147,4 +154,9 @@ def error_from_body(status: int, body: object) -> StatefulError:
     if exc.http_status != status:
         exc.http_status = status  # keep what the server said
     exc.param = param  # type: ignore[attr-defined]
+    if hasattr(exc, "retry_after_s") and retry_after is not None:
+        try:
+            exc.retry_after_s = float(retry_after)  # type: ignore[attr-defined]
+        except ValueError:  # an HTTP date: keep the default
+            pass
     return exc

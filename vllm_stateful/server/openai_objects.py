@@ -101,8 +101,9 @@ class ChunkWriter:
         self.completion_tokens += len(q.token_ids)
         self.prompt_tokens, self.computed_tokens = q.prompt_tokens, q.computed_tokens
         session = SessionInfo(
-            id=self.session_id, version=q.version, computed_tokens=q.computed_tokens
-        )
+            id=self.session_id, version=q.version, computed_tokens=q.computed_tokens,
+            flash=q.flash, computed_at=q.computed_at, staleness_ms=q.staleness_ms,
+        )  # fmt: skip
         token_ids = list(q.token_ids) if self.with_token_ids else None
         first, self._first = self._first, False
         if self.chat:

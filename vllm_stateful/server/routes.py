@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -80,7 +81,12 @@ def _json(model: BaseModel, status: int = 200) -> JSONResponse:
 
 
 def _error(exc: StatefulError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.http_status)
+    response = JSONResponse(error_body(exc), status_code=exc.http_status)
+    retry_s = getattr(exc, "retry_after_s", None)
+    if retry_s is not None:
+        # Whole seconds (RFC 9110); never 0, which would invite a busy loop.
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_s)))
+    return response
 
 
 def handles_errors(
@@ -313,6 +319,7 @@ def _flash_spec(st: ServerState, body: FlashRequest) -> dict[str, Any]:
         "sampling_params": build_sampling_params(body, max_tokens, st.model_defaults),
         "flash_id": body.id,
         "only_changed": body.only_changed,
+        "max_staleness_ms": body.max_staleness_ms,
     }
 
 
@@ -334,6 +341,7 @@ def _flash_info(fq: Any, result: Any) -> FlashInfo:
         temperature=fq.params.temperature,
         seed=fq.params.seed,
         only_changed=fq.only_changed,
+        max_staleness_ms=fq.max_staleness_ms,
         latest=latest,
     )
 
@@ -445,13 +453,17 @@ async def _answer(
         return await _stream(st, request, session_id, body, question, params, model, chat)
 
     result = await _unless_disconnected(
-        request, engine.query(session_id, question, params, body.consistency, body.commit)
+        request,
+        engine.query(
+            session_id, question, params, body.consistency, body.commit, body.max_staleness_ms
+        ),
     )
     info = SessionInfo(
         id=session_id,
         version=result.version,
         flash=result.flash,
         computed_at=result.computed_at,
+        staleness_ms=result.staleness_ms,
         computed_tokens=result.computed_tokens,
         committed_version=result.committed_version,
     )
@@ -460,7 +472,9 @@ async def _answer(
 
 
 async def _stream(st, request, session_id, body, question, params, model, chat) -> Response:
-    stream = st.engine.query_stream(session_id, question, params, body.consistency)
+    stream = st.engine.query_stream(
+        session_id, question, params, body.consistency, body.max_staleness_ms
+    )
     # The first chunk is awaited before the response starts, so errors found
     # while preparing the query (unknown version, context length) still get
     # their status code instead of an error inside a 200 stream.

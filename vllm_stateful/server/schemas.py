@@ -68,6 +68,10 @@ class SessionStats(_Open):
     created_at: float  # unix time
     expires_at: float | None  # unix time; None: no TTL
     state: str = "active"  # creating | active (only open sessions are listed)
+    ingested_tokens: int = 0  # tokens pinned (ingestion chunk ends included)
+    backlog_tokens: int = 0  # appended but not yet ingested
+    ingest_lag_s: float = 0.0  # age of the oldest un-ingested append; 0.0 when caught up
+    ingest_rate_tps: float | None = None  # prompt tokens/s ingested, smoothed; None: not yet measured
 
 
 class SessionList(_Open):
@@ -192,6 +196,10 @@ class SessionQuery(SamplingFields):
     session_id: str | None = None  # on /v1/completions and /v1/chat/completions
     consistency: Consistency = "ingested"
     commit: bool = False
+    # Serve a flash query's cached answer on an older version if the version
+    # that superseded it was ingested at most this long ago (default: the
+    # flash query's own bound; none: the newest ingested version only).
+    max_staleness_ms: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _check_commit(self) -> SessionQuery:
@@ -268,6 +276,8 @@ class FlashRequest(SamplingFields):
     # Push a ``flash`` event only when the answer's text changed.
     only_changed: bool = False
     temperature: float | None = Field(default=0.0, ge=0)
+    # Default staleness bound for queries answered from this flash query.
+    max_staleness_ms: float | None = Field(default=None, ge=0)
 
     @field_validator("prompt")
     @classmethod
@@ -294,6 +304,7 @@ class FlashInfo(_Open):
     temperature: float
     seed: int | None = None
     only_changed: bool = False
+    max_staleness_ms: float | None = None  # default bound for stale hits
     latest: FlashAnswer | None = None  # the newest cached answer
 
 
@@ -315,6 +326,9 @@ class SessionInfo(_Open):
     version: int  # the session version the answer saw
     flash: bool = False  # answered from a flash query's cache
     computed_at: float | None = None  # unix time a flash answer was computed
+    # 0 on the newest ingested version; else ms since the version that
+    # superseded the answer's was ingested (a bounded-staleness flash hit).
+    staleness_ms: float = 0.0
     computed_tokens: int  # prompt tokens the engine computed for this answer
     committed_version: int | None = None  # set when ``commit`` appended q+a
 

@@ -28,8 +28,8 @@ class Question:
 # fields), and they are what a dashboard would ask again and again.
 QUESTION_TEXTS = (
     ("last_price", "\nThe last trade price was", True),
-    ("last_time", "\nThe last trade was at", False),
-    ("last_size", "\nThe size of the last trade was", False),
+    ("last_time", "\nThe time of the last trade was", False),
+    ("price_of_last", "\nThe price of the last trade was", False),
 )
 
 

@@ -46,9 +46,11 @@ serve: $(STAMP)
 	  "$$($(PY) -m vllm_stateful.models prepare smollm2)" --plugin stateful \
 	  --served-model-name smollm2 --port $(PORT) $(SERVE_ARGS)
 
-# Against a running `make serve`: stream real ticks into a session.
+# Against a running `make serve`: real ticks stream into a session while
+# questions are asked (about a minute; ARGS passes options, e.g.
+# `make demo ARGS="--duration-s 120"`).
 demo: $(STAMP)
-	$(PY) examples/market_stream.py --url http://localhost:$(PORT)
+	$(PY) examples/market_stream.py --url http://127.0.0.1:$(PORT) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q tests
@@ -67,3 +69,14 @@ bench-market: $(STAMP)
 	  $(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m vllm_stateful.models prepare smollm2
 	$(PY) benchmarks/market_stream.py $(ARGS)
+
+# The live-stream benchmark (benchmarks/live_stream.py): 1, 4 and 16 sessions
+# fed real ticks at 50%, 80% and 200% of the measured ingestion capacity,
+# questions while they stream, vllm-stateful then stock vLLM; run it on an
+# idle machine (about an hour on 2 cores). ARGS passes options, e.g.
+# `make bench-live ARGS=--smoke`.
+.PHONY: bench-live
+bench-live: $(STAMP)
+	$(PY) -m pip install -q "matplotlib>=3.8" "psutil>=5.9"
+	$(PY) -m vllm_stateful.models prepare smollm2
+	$(PY) benchmarks/live_stream.py $(ARGS)

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
     from vllm_stateful.kv.scheduler import StepLog
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging configuration shows it.
+logger = init_logger(f"vllm.{__name__}")
 
 
 @dataclass

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging configuration shows it.
+logger = init_logger(f"vllm.{__name__}")
 
 LOG_EVERY_S = 60.0  # how often the measured step costs are logged
 

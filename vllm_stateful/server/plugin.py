@@ -20,7 +20,8 @@ from vllm.logger import init_logger
 from vllm_stateful.server.delegate import find_route
 from vllm_stateful.server.state import DEFAULT_KEEPALIVE_S, ServerState
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging configuration shows it.
+logger = init_logger(f"vllm.{__name__}")
 
 PLUGIN_NAME = "stateful"
 # Stock routes that the plugin takes over and delegates to.

@@ -54,7 +54,8 @@ SMOKE_DEFAULTS = {
     "sessions": "1,2", "loads": "0.5,2.0", "duration_s": 6.0, "start_context": 128,
     "max_context": 1024, "capacity_tokens": 256, "capacity_reps": 1, "idle_points": 2,
     "idle_reps": 1, "question_rate": 2.0, "max_tokens": 4, "kv_gib": 1, "progress_s": 2.0,
-    "question_timeout": 120.0, "drain_timeout": 60.0,
+    "question_timeout": 120.0, "drain_timeout": 60.0, "backlog_tokens": 512,
+    "backlog_tokens_total": 4096,
 }  # fmt: skip
 
 
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--capacity-reps", type=int, default=2)
     a("--capacity-tps", type=float, default=None,
       help="skip the measurement and use this capacity (tokens/s)")  # fmt: skip
+    a("--backlog-tokens", type=int, default=1024,
+      help="vllm-stateful's per-session bound on un-ingested tokens (past it: 429)")  # fmt: skip
+    a("--backlog-tokens-total", type=int, default=16384,
+      help="vllm-stateful's bound on un-ingested tokens over all sessions")  # fmt: skip
     a("--lines-per-append", type=int, default=4, help="tick lines per append (~15 tokens each)")
     a("--max-append-tokens", type=int, default=512,
       help="a feeder behind schedule sends what is due in one append, up to this")  # fmt: skip
@@ -174,6 +179,11 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
     spec = ENGINES[ENGINE_KEYS[key]]
     port = free_port()
     argv, env = spec.command(state["opts"], port)
+    if key == "stateful":
+        # The backlog bounds, so that overload shows as 429s (per session and
+        # over the server; both in tokens appended but not yet ingested).
+        env = {**env, "VLLM_STATEFUL_MAX_BACKLOG_TOKENS": str(args.backlog_tokens),
+               "VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL": str(args.backlog_tokens_total)}  # fmt: skip
     server = Server(argv, env, port, spec.health_path,
                     args.out / "logs" / f"{args.stem}-{key}.log")  # fmt: skip
     print(f"[{spec.label}] starting: {shlex.join(argv)}", flush=True)
@@ -203,13 +213,14 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                       "tokens of context (no questions)", flush=True)  # fmt: skip
                 cap = await capacity(target, src, header, state["rep_context"],
                                      args.capacity_tokens, args.capacity_reps,
-                                     args.lines_per_append)  # fmt: skip
+                                     args.lines_per_append, args.backlog_tokens)  # fmt: skip
                 cap["engine"] = key
                 state["capacity"] = results["capacity"] = cap
                 print(f"[{spec.label}] ingestion capacity: {cap['tps']:.0f} tokens/s", flush=True)
             print(f"[{spec.label}] idle reference at {state['idle_contexts']}", flush=True)
             idle = await idle_reference(target, src, header, state["idle_contexts"], qs,
-                                        args.idle_reps, first_line=104729)  # fmt: skip
+                                        args.idle_reps, first_line=104729,
+                                        max_append=min(256, args.backlog_tokens))  # fmt: skip
             results["idle"][spec.label] = idle
             flash = None
             if key == "stateful":
@@ -228,7 +239,8 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                     start_context=args.start_context,
                     rotate_at=state["rotate_at"][plan.sessions],
                     # A coalesced append must fit a fresh session's room.
-                    max_append_tokens=min(args.max_append_tokens,
+                    # (and the server refuses an append larger than its backlog bound).
+                    max_append_tokens=min(args.max_append_tokens, args.backlog_tokens,
                                           (state["rotate_at"][plan.sessions] - args.start_context) // 2),
                     question_timeout_s=args.question_timeout,
                     drain_timeout_s=args.drain_timeout,
@@ -289,6 +301,13 @@ def write_json(results: dict, path: Path) -> None:
 
 def smoke_problems(results: dict) -> list[str]:
     problems = []
+    for e in results["engines"]:
+        if e["status"] != "ran":
+            problems.append(f"{e['engine']}: {e['status']}: {e.get('reason', '')[-800:]}")
+    ran = {lv["engine"] for lv in results["levels"]}
+    for label in results["idle"]:
+        if label not in ran:
+            problems.append(f"{label}: no level ran")
     if not results["levels"]:
         problems.append("no level ran")
     for lv in results["levels"]:
@@ -362,7 +381,8 @@ async def main_async(args) -> int:
                            f"contexts {args.start_context}-{args.max_context} tokens (rotate at "
                            f"{rotate_at}), questions {args.question_rate:g}/s Poisson, "
                            f"{args.max_tokens} greedy tokens, {'eager' if args.eager else 'compiled'}, "
-                           f"KV {args.kv_gib} GiB, seed {args.seed}"),
+                           f"KV {args.kv_gib} GiB, backlog bound {args.backlog_tokens} tokens per "
+                           f"session and {args.backlog_tokens_total} in all, seed {args.seed}"),
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "questions": [{"id": q.id, "text": q.text, "tokens": len(q.ids), "flash": q.flash} for q in qs],
             "rotate_at": rotate_at, "representative_context": rep_context,
@@ -381,8 +401,13 @@ async def main_async(args) -> int:
             await run_engine(key, args, state, results, notes)
         except Exception:
             print(f"[{key}] failed:\n{traceback.format_exc()}", flush=True)
-            results["engines"].append({"engine": key, "status": "failed",
-                                       "reason": traceback.format_exc()[-1500:]})  # fmt: skip
+            for e in results["engines"]:
+                if e["engine"] == key:
+                    e["status"], e["reason"] = "failed", traceback.format_exc()[-1500:]
+                    break
+            else:
+                results["engines"].append({"engine": key, "status": "failed",
+                                           "reason": traceback.format_exc()[-1500:]})  # fmt: skip
         results["notes"] = list(notes.items.values())
     results["meta"]["wall_s"] = time.time() - t_start
     results["notes"] = list(notes.items.values())

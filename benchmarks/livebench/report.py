@@ -88,6 +88,9 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
         "feeder_delay_p99_s": pct(delays, 99),
         "backlog_max_tokens": max(client_backlog, default=None),
         "backlog_max_server_tokens": max(server_backlog, default=None),
+        "backlog_max_session_tokens": max(
+            (b["server_max_session_tokens"] if b.get("server_max_session_tokens") is not None
+             else b.get("client_max_session_tokens", 0) for b in rec.backlog), default=None),  # fmt: skip
         "drain_s": rec.drain_s,
         "rotations": rec.rotations,
         "sessions_verified": len(verified),
@@ -100,10 +103,10 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 COLUMNS = (
-    "engine", "sessions", "load", "offered tok/s", "answered", "p50 ms", "p99 ms",
+    "engine", "sessions", "load", "offered tok/s", "acknowledged tok/s", "answered", "p50 ms", "p99 ms",
     "idle p50 ms", "idle p99 ms", "p50 / idle", "p99 / idle",
     "lag p50/p99 ms, 1st half", "lag p50/p99 ms, 2nd half", "flash hits",
-    "staleness p50/p99 ms", "429s (wait s)", "backlog max (tokens)", "acknowledged = in session",
+    "staleness p50/p99 ms", "429s (wait s)", "backlog max: all (one session), tokens", "acknowledged = in session",
 )  # fmt: skip
 
 
@@ -116,6 +119,7 @@ def row(level: dict[str, Any]) -> list[str]:
         str(level["sessions"]),
         f"{level['load']:.0%}",
         f"{level['offered_tps']:.0f}",
+        "n/a" if stock else _num(s["acknowledged_tps"], "{:.0f}"),
         f"{s['answered']}/{s['questions']}",
         ms(s["p50_s"]),
         ms(s["p99_s"]),
@@ -128,7 +132,7 @@ def row(level: dict[str, Any]) -> list[str]:
         "n/a" if stock else f"{s['flash_hits']}/{s['flash_asks']}",
         "n/a" if stock else f"{_num(s['staleness_p50_ms'], '{:.0f}')} / {_num(s['staleness_p99_ms'], '{:.0f}')}",
         "n/a" if stock else f"{s['http_429']} ({s['retry_wait_s']:.1f})",
-        "n/a" if stock else str(s["backlog_max_tokens"]),
+        "n/a" if stock else f"{s['backlog_max_tokens']} ({s['backlog_max_session_tokens']})",
         "n/a" if stock else ("-" if verified is None else
                              f"{'yes' if verified else 'NO'} ({s['sessions_verified']} sessions)"),
     ]  # fmt: skip

@@ -43,12 +43,15 @@ def flat(lines: Sequence[tuple[int, ...]]) -> list[int]:
 
 
 async def capacity(target: Target, source: LineIds, header: list[int], context: int,
-                   tokens: int, reps: int, lines_per_append: int) -> dict[str, Any]:  # fmt: skip
+                   tokens: int, reps: int, lines_per_append: int,
+                   max_backlog: int) -> dict[str, Any]:  # fmt: skip
     """Ingestion throughput (tokens/s) with no questions, from ``context -
     tokens/2`` to ``context + tokens/2``: appends sent back to back (they are
-    coalesced while one is being ingested), timed to the ``ingested`` event
-    of the last. Stock vLLM (no sessions): the prefill of ``tokens`` new
-    tokens after a cached prefix (a 1-token completion)."""
+    coalesced while one is being ingested), keeping the un-ingested tokens
+    under half the server's backlog bound so that no append is refused,
+    timed to the ``ingested`` event of the last. Stock vLLM (no sessions):
+    the prefill of ``tokens`` new tokens after a cached prefix (a 1-token
+    completion)."""
     runs = []
     for rep in range(reps):
         first = 7919 * (rep + 1)
@@ -61,6 +64,11 @@ async def capacity(target: Target, source: LineIds, header: list[int], context: 
             sent = 0
             for i in range(0, len(more), lines_per_append):
                 chunk = more[i : i + lines_per_append]
+                # The engine stays busy: the next append is sent as soon as
+                # the backlog has room for it.
+                while len(h.context) - h.tokens_at.get(h.ingested_version(), 0) + len(
+                        flat(chunk)) > max_backlog // 2:  # fmt: skip
+                    await asyncio.sleep(0.002)
                 await target.append(h, flat(chunk), chunk, target.clock(), None)
                 sent += len(flat(chunk))
             while h.ingested_version() < h.version:
@@ -99,7 +107,7 @@ async def capacity(target: Target, source: LineIds, header: list[int], context: 
 
 async def idle_reference(target: Target, source: LineIds, header: list[int],
                          contexts: Sequence[int], qs: Sequence[Question], reps: int,
-                         first_line: int) -> list[dict[str, Any]]:  # fmt: skip
+                         first_line: int, max_append: int = 256) -> list[dict[str, Any]]:  # fmt: skip
     """Every question at each context on an idle engine, the feed paused and
     the data already ingested (stock vLLM: already in its prefix cache)."""
     pre = prefix_lines(source, header, contexts[0], first_line)
@@ -110,7 +118,8 @@ async def idle_reference(target: Target, source: LineIds, header: list[int],
         for c in contexts:
             while len(h.context) < c:
                 chunk = []
-                while len(h.context) + len(flat(chunk)) < c and len(flat(chunk)) < 256:
+                while (len(h.context) + len(flat(chunk)) < c and
+                       len(flat(chunk)) + len(source[pos]) <= max_append):  # fmt: skip
                     chunk.append(source[pos])
                     pos += 1
                 if isinstance(target, StatefulTarget):
@@ -222,6 +231,8 @@ async def run_level(target: Target, plan: LevelPlan, cfg: LevelConfig,
             "acknowledged_tokens": h.acked_tokens, "acknowledged_appends": len(h.acks),
             "expected_tokens": expected, "session_tokens": st.get("tokens"),
             "session_version": st.get("version"), "acknowledged_version": h.version,
+            # Still un-ingested when the session was closed (rotation, end).
+            "backlog_tokens_at_close": st.get("backlog_tokens"),
             "ok": st.get("tokens") == expected and st.get("version") == h.version,
         })  # fmt: skip
 
@@ -312,24 +323,29 @@ async def run_level(target: Target, plan: LevelPlan, cfg: LevelConfig,
             task = asyncio.create_task(ask_one(pq))
             question_tasks.add(task)
 
-    def client_backlog() -> int:
-        total = 0
+    def client_backlogs() -> list[int]:
+        out = []
         for h in handles:
             v = h.ingested_version() if stateful else h.version
             done = max((n for ver, n in h.tokens_at.items() if ver <= v), default=h.prefix_tokens)
-            total += len(h.context) - done
-        return total
+            out.append(len(h.context) - done)
+        return out
+
+    def client_backlog() -> int:
+        return sum(client_backlogs())
 
     async def poller() -> None:
         while True:
-            server = None
+            server = server_max = None
             if stateful:
                 sts = await asyncio.gather(*(target.stats(h) for h in list(handles)))
                 vals = [st.get("backlog_tokens") for st in sts if st]
                 if vals and all(v is not None for v in vals):
-                    server = sum(vals)
-            rec.backlog.append({"t": clock(), "client_tokens": client_backlog(),
-                                "server_tokens": server})  # fmt: skip
+                    server, server_max = sum(vals), max(vals)
+            mine = client_backlogs()
+            rec.backlog.append({"t": clock(), "client_tokens": sum(mine),
+                                "client_max_session_tokens": max(mine, default=0),
+                                "server_tokens": server, "server_max_session_tokens": server_max})  # fmt: skip
             await asyncio.sleep(cfg.stats_interval_s)
 
     async def progress() -> None:

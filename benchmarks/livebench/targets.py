@@ -319,7 +319,11 @@ class StatefulTarget(Target):
                 raise NeedRotation(r.text[:200])
             if r.status_code == 413:
                 raise NeedRotation(r.text[:200])
-            if r.status_code == 429:
+            if r.status_code == 503 and code == "ingestion_failed":
+                # The session is intact; the server asks for the append again.
+                self.notes.add("ingestion-failed", "some appends got 503 ingestion_failed and "
+                               "were resent after Retry-After (counted with the 429s)")  # fmt: skip
+            if r.status_code == 429 or (r.status_code == 503 and code == "ingestion_failed"):
                 # Backlog full: nothing was taken; come back after Retry-After.
                 if "retry-after" not in r.headers:
                     self.notes.add("retry-after", f"a 429 on append ({code}) had no Retry-After: "

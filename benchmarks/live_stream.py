@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 import traceback
@@ -87,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="vllm-stateful's per-session bound on un-ingested tokens (past it: 429)")  # fmt: skip
     a("--backlog-tokens-total", type=int, default=16384,
       help="vllm-stateful's bound on un-ingested tokens over all sessions")  # fmt: skip
-    a("--lines-per-append", type=int, default=4, help="tick lines per append (~15 tokens each)")
+    a("--lines-per-append", type=int, default=4, help="tick lines per append (~23 SmolLM2 tokens each)")
     a("--max-append-tokens", type=int, default=512,
       help="a feeder behind schedule sends what is due in one append, up to this")  # fmt: skip
     a("--question-rate", type=float, default=0.5, help="questions per second over all sessions")

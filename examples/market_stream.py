@@ -38,11 +38,13 @@ QUESTIONS = (("\nThe time of the last trade was", 13), ("\nThe price of the last
 MAX_TOKENS = 8
 
 
-def is_backlog_full(exc: Exception) -> bool:
-    cls = getattr(errors, "BacklogFullError", None)
-    if cls is not None and isinstance(exc, cls):
+def retry_later(exc: Exception) -> bool:
+    """The append was not taken and may be sent again after ``Retry-After``:
+    the ingestion backlog is full (429), or an ingestion failed (503)."""
+    code = getattr(exc, "code", "")
+    if code in ("ingest_backlog_full", "ingestion_failed"):
         return True
-    return getattr(exc, "http_status", None) == 429 and getattr(exc, "code", "") != "session_budget_exceeded"
+    return getattr(exc, "http_status", None) == 429 and code != "session_budget_exceeded"
 
 
 class Feed:
@@ -68,7 +70,7 @@ class Feed:
                     self.stopped = "the context window is full"
                     return
                 except errors.StatefulError as exc:
-                    if not is_backlog_full(exc):
+                    if not retry_later(exc):
                         raise
                     # Nothing was taken: come back when the server says.
                     delay = getattr(exc, "retry_after_s", None) or 1.0

@@ -1,11 +1,13 @@
 """How many ingestion tokens a scheduler step may carry.
 
 The cost of a step on these engines is close to linear in the prompt tokens
-it computes: ``t = base + per_token * prefill_tokens``, where ``base`` is a
+it computes: ``t = base + per_token * prompt_tokens``, where ``base`` is a
 pure decode step (dominated by reading the weights) and ``per_token`` grows
-with the context the tokens attend to. Both are measured online from the
-engine's own steps (exponential moving averages), never assumed, so the
-allowance follows the machine, the model and the streams' context.
+with the context the tokens attend to. Both are fitted online to the
+engine's own steps (least squares with exponential forgetting, so the fit
+follows the streams' growing context), never assumed: the allowance follows
+the machine, the model and the context. Steps of every kind feed the fit,
+so it works under pure ingestion too, where no decode step ever runs.
 
 Two limits come out of it:
 
@@ -13,9 +15,10 @@ Two limits come out of it:
   a step may carry only as many ingestion tokens as keep it within
   ``1 + slack`` of a pure decode step, so questions barely notice ingestion;
 * ``idle_tokens``: with no foreground work, a step may run up to
-  ``idle_factor`` decode steps long. That is the longest a newly arrived
-  question waits for the step in flight (one chunk), and the factor sets the
-  trade between ingestion throughput and that wait.
+  ``1 + idle_factor`` decode steps long. That is the longest a newly arrived
+  question waits for the step in flight (one chunk); the factor sets the
+  trade between ingestion throughput (``idle_factor / (1 + idle_factor)`` of
+  unbounded steps) and that wait.
 """
 
 from __future__ import annotations
@@ -29,18 +32,30 @@ class StepCostModel:
     idle_factor: float = 6.0
     min_tokens: int = 4  # progress is guaranteed whatever the measurements say
     max_tokens: int = 8192
-    alpha: float = 0.2  # weight of a new sample in the moving averages
+    decay: float = 0.98  # weight kept by older samples per new one (~50-step memory)
+    # Exponentially weighted sums of 1, P, P^2, t, P*t over steps.
+    _s: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
     base_s: float | None = None  # a pure decode step
     per_token_s: float | None = None  # one more prompt token in a step
 
     def observe(self, duration_s: float, prompt_tokens: int) -> None:
         """One finished step: its wall time and the prompt (non-decode)
         tokens it computed."""
-        if prompt_tokens == 0:
-            self.base_s = self._ewma(self.base_s, duration_s)
-        elif self.base_s is not None:
-            sample = max(duration_s - self.base_s, 0.0) / prompt_tokens
-            self.per_token_s = self._ewma(self.per_token_s, sample)
+        p, t, d = float(prompt_tokens), duration_s, self.decay
+        s0, s1, s2, t0, t1 = self._s
+        self._s = (d * s0 + 1, d * s1 + p, d * s2 + p * p, d * t0 + t, d * t1 + p * t)
+        self._fit()
+
+    def _fit(self) -> None:
+        s0, s1, s2, t0, t1 = self._s
+        det = s0 * s2 - s1 * s1
+        # Too little spread in step sizes to tell base from per-token cost.
+        if s0 < 4 or det <= 1e-9 * max(s0 * s2, 1.0):
+            return
+        slope = (s0 * t1 - s1 * t0) / det
+        base = (t0 - slope * s1) / s0
+        if slope > 0 and base > 0:
+            self.base_s, self.per_token_s = base, slope
 
     def foreground_tokens(self) -> int:
         return self._tokens_for(self.slack)
@@ -49,11 +64,9 @@ class StepCostModel:
         return self._tokens_for(self.idle_factor)
 
     def _tokens_for(self, extra_steps: float) -> int:
-        if self.base_s is None or not self.per_token_s:
-            # Nothing measured yet: small steps until the first measurements.
-            return self.min_tokens if extra_steps < 1 else min(16 * self.min_tokens, self.max_tokens)
-        tokens = int(extra_steps * self.base_s / self.per_token_s)
+        if self.base_s is None or self.per_token_s is None:
+            # Nothing fitted yet: the floor beside questions, moderate steps
+            # otherwise (their spread is what the first fit needs).
+            return self.min_tokens if extra_steps < 1 else min(64 * self.min_tokens, self.max_tokens)
+        tokens = int(extra_steps * self.base_s / self.per_token_s + 1e-6)
         return max(self.min_tokens, min(tokens, self.max_tokens))
-
-    def _ewma(self, old: float | None, sample: float) -> float:
-        return sample if old is None else (1 - self.alpha) * old + self.alpha * sample

@@ -66,6 +66,48 @@ async def engine(stateful):
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def stateful_spec(tiny_model_path):
+    """A second stateful engine, with speculative decoding as
+    ``VLLM_STATEFUL_SPECULATION=ngram`` configures it (n-gram proposer and
+    its batch-size schedule)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    from vllm_stateful import StatefulConfig, StatefulEngine, stateful_engine_args
+    from vllm_stateful.config import speculative_config
+
+    totals = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
+
+    class SpecDecodeTotals(StatLoggerBase):
+        """vLLM's per-step speculative decoding counts, summed: the tests
+        check that drafts were really verified and accepted."""
+
+        def __init__(self, vllm_config, engine_index=0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            spec = scheduler_stats and scheduler_stats.spec_decoding_stats
+            if spec:
+                totals["drafts"] += spec.num_drafts
+                totals["draft_tokens"] += spec.num_draft_tokens
+                totals["accepted_tokens"] += spec.num_accepted_tokens
+
+        def log_engine_initialized(self):
+            pass
+
+    args = stateful_engine_args(
+        **engine_kwargs(tiny_model_path), speculative_config=speculative_config("ngram")
+    )
+    engine = StatefulEngine(
+        AsyncLLM.from_engine_args(args, stat_loggers=[SpecDecodeTotals]),
+        StatefulConfig(budget_fraction=0.5),
+    )
+    engine.spec_decode_totals = totals
+    yield engine
+    engine.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def stock(tiny_model_path):
     """Stock vLLM: no connector, no prefix caching. The reference."""
     from vllm.engine.arg_utils import AsyncEngineArgs

@@ -123,3 +123,63 @@ def connector_config() -> dict:
         "kv_connector_module_path": "vllm_stateful.kv.connector",
         "kv_role": "kv_both",
     }
+
+
+# Speculative decoding of answers (vLLM's proposers; README "Speculative
+# decoding"). Answers about a stream copy from it (prices, times, sizes),
+# which prompt lookup (n-gram) drafts for free; a draft costs a verification
+# slot in the step whether accepted or not, which is cheap while a step reads
+# the weights for one or two sequences and not when the batch is full. So the
+# drafts per step shrink with the batch (vLLM's
+# ``num_speculative_tokens_per_batch_size``, counted over the requests
+# scheduled in the step) and stop at 9 and more.
+SPECULATION_ENV = "VLLM_STATEFUL_SPECULATION"
+SPECULATION_METHODS = ("off", "ngram", "suffix")
+# Off until benchmarks/speculation.py has been run on a quiet machine and
+# shows the gain (README "Speculative decoding").
+DEFAULT_SPECULATION = "off"
+SPECULATIVE_TOKENS = 4
+SPECULATION_SCHEDULE = ((1, 1, 4), (2, 4, 2), (5, 8, 1), (9, 1 << 20, 0))
+
+
+def speculation_method() -> str:
+    """``VLLM_STATEFUL_SPECULATION``: ``off``, ``ngram`` or ``suffix``
+    (default ``DEFAULT_SPECULATION``)."""
+    raw = os.environ.get(SPECULATION_ENV, "").strip().lower() or DEFAULT_SPECULATION
+    if raw not in SPECULATION_METHODS:
+        raise ValueError(
+            f"{SPECULATION_ENV}={raw!r}: expected one of {', '.join(SPECULATION_METHODS)}"
+        )
+    return raw
+
+
+def speculative_config(method: str | None = None) -> dict | None:
+    """vLLM's ``speculative_config`` for ``method`` (default: the setting),
+    with the batch-size schedule; None when off. A user's own
+    ``--speculative-config`` is never replaced by this."""
+    method = speculation_method() if method is None else method
+    if method == "off":
+        return None
+    schedule = [list(entry) for entry in SPECULATION_SCHEDULE]
+    if method == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": SPECULATIVE_TOKENS,
+            "prompt_lookup_min": 2,
+            "prompt_lookup_max": 5,
+            "num_speculative_tokens_per_batch_size": schedule,
+        }
+    if method == "suffix":
+        import importlib.util
+
+        if importlib.util.find_spec("arctic_inference") is None:
+            raise ValueError(
+                f"{SPECULATION_ENV}=suffix needs the package arctic-inference (vLLM's suffix "
+                "proposer; published as a source build); install it or use ngram"
+            )
+        return {
+            "method": "suffix",
+            "num_speculative_tokens": SPECULATIVE_TOKENS,
+            "num_speculative_tokens_per_batch_size": schedule,
+        }
+    raise ValueError(f"unknown speculation method {method!r}")

@@ -10,6 +10,9 @@ It sets, unless the user already did:
 * prefix caching on (sessions are served from the prefix cache);
 * ``--scheduler-cls``: the session-aware scheduler (``config.scheduler_cls``);
 * ``--dtype float32`` on CPUs without native bf16 (``cpu_dtype.py``);
+* ``--speculative-config`` from ``VLLM_STATEFUL_SPECULATION``
+  (``config.speculative_config``: vLLM's n-gram proposer with a batch-size
+  schedule), when the setting is not ``off``;
 
 and ``VLLM_PLUGINS`` names the ``stateful`` endpoint plugin (endpoint
 plugins load only when named), keeping every plugin that was enabled.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, MutableMapping
 
-from vllm_stateful.config import connector_config, scheduler_cls
+from vllm_stateful.config import connector_config, scheduler_cls, speculative_config
 
 PLUGIN_NAME = "stateful"  # the entry point name of both of our vLLM plugins
 GENERAL_PLUGINS_GROUP = "vllm.general_plugins"
@@ -102,6 +105,12 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "scheduler_cls", None) is None:
         args.scheduler_cls = scheduler_cls()
     args.dtype = default_dtype(args.dtype)
+    if getattr(args, "speculative_config", None) is None:
+        # VLLM_STATEFUL_SPECULATION; the user's own --speculative-config wins.
+        try:
+            args.speculative_config = speculative_config()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     # vLLM would default the API server count to the data-parallel size.
     args.api_server_count = 1
     return args

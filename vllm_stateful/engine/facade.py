@@ -17,7 +17,12 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 
 from vllm_stateful import metrics
-from vllm_stateful.config import StatefulConfig, connector_config, scheduler_cls
+from vllm_stateful.config import (
+    StatefulConfig,
+    connector_config,
+    scheduler_cls,
+    speculative_config,
+)
 from vllm_stateful.engine.backlog import check_backlog
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
@@ -41,12 +46,16 @@ Data = str | Sequence[int]
 
 def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
     """``AsyncEngineArgs`` with the session connector, the session-aware
-    scheduler and prefix caching on, and float32 by default on CPUs without
-    native bf16 (``cpu_dtype.py``)."""
+    scheduler and prefix caching on, float32 by default on CPUs without
+    native bf16 (``cpu_dtype.py``), and speculative decoding as
+    ``VLLM_STATEFUL_SPECULATION`` says (``config.speculative_config``); a
+    ``speculative_config`` given here wins, ``None`` turns it off."""
     from vllm_stateful.cpu_dtype import default_dtype
 
     kwargs.setdefault("enable_prefix_caching", True)
     kwargs.setdefault("scheduler_cls", scheduler_cls())
+    if "speculative_config" not in kwargs:
+        kwargs["speculative_config"] = speculative_config()
     kwargs["kv_transfer_config"] = connector_config()
     # float32 on CPUs without native bf16, unless a dtype was given.
     if (dtype := default_dtype(kwargs.get("dtype"))) is not None:

@@ -233,13 +233,17 @@ class StatefulScheduler(Scheduler):
 
     def _record(self, output: SchedulerOutput) -> None:
         scheduled = output.num_scheduled_tokens
+        drafts = output.scheduled_spec_decode_tokens
         ingest = 0
         prompt_tokens = 0
         for req_id, n in scheduled.items():
             request = self.requests.get(req_id)
             if request is None:
                 continue
-            if n > 1:  # a prefill chunk (a decode step schedules one token)
+            # A decode step schedules one token plus its speculative drafts
+            # (verified in the same step); anything more is a prefill chunk.
+            n_decode = 1 + len(drafts.get(req_id, ()))
+            if n > n_decode:
                 prompt_tokens += n
             if lane_of(request) is Lane.INGEST:
                 ingest += n

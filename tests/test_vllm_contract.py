@@ -33,6 +33,27 @@ def test_connector_hooks():
     assert "bind_gpu_block_pool" in vars(B) and "bind_kv_cache_manager" in vars(B)
 
 
+def test_on_new_request_hook():
+    # The connector records each session's in-flight appends in
+    # on_new_request (a CLOSE racing one then keeps the key refused). The hook
+    # must exist with this signature, be a no-op by default, and be called by
+    # Scheduler.add_request for every new request (before the first schedule).
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1 as B
+    from vllm.v1.core.sched import scheduler
+
+    from vllm_stateful.kv.connector import StatefulConnector
+
+    assert params(B.on_new_request) == ["self", "request"]
+    assert B.on_new_request(object(), object()) is None
+    assert params(StatefulConnector.on_new_request) == ["self", "request"]
+    assert "on_new_request" in vars(StatefulConnector)
+    add = inspect.getsource(scheduler.Scheduler.add_request)
+    assert "self.connector.on_new_request(request)" in add
+    assert add.index("self.requests[request.request_id] = request") < add.index(
+        "self.connector.on_new_request(request)"
+    )
+
+
 def test_scheduler_presents_block_aligned_hit_and_sync_load():
     # The tail copy assumes the connector sees a block-aligned local hit and
     # that a synchronous load (load_kv_async=False) is accepted.

@@ -14,6 +14,7 @@ from vllm_stateful.errors import (
     SessionExistsError,
     SessionNotFoundError,
     StatefulError,
+    TenantLimitError,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "StatefulConfig",
     "StatefulEngine",
     "StatefulError",
+    "TenantLimitError",
     "stateful_engine_args",
 ]
 

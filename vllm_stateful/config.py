@@ -39,6 +39,13 @@ class StatefulConfig:
     # without limit.
     max_backlog_tokens: int = 8192
     max_backlog_tokens_total: int = 65536
+    # Tenants: the HTTP header whose value names a session's tenant (no
+    # header: tenant "default"), and per-tenant caps on open sessions and on
+    # pinned (budgeted) KV tokens, so one client cannot take the whole
+    # budget. None: no cap.
+    tenant_header: str = "X-Tenant"
+    tenant_max_sessions: int | None = None
+    tenant_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction < 1.0:
@@ -48,6 +55,11 @@ class StatefulConfig:
         for name in ("ingest_chunk_tokens", "max_backlog_tokens", "max_backlog_tokens_total"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("tenant_max_sessions", "tenant_max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.tenant_header.strip():
+            raise ValueError("tenant_header must not be empty")
 
     @classmethod
     def from_env(cls) -> StatefulConfig:
@@ -55,8 +67,15 @@ class StatefulConfig:
         ``VLLM_STATEFUL_TTL_S``, ``VLLM_STATEFUL_MAX_SESSIONS``,
         ``VLLM_STATEFUL_MAX_EVENT_QUEUE``,
         ``VLLM_STATEFUL_INGEST_CHUNK_TOKENS``, ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS``,
-        ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL``."""
+        ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL``, ``VLLM_STATEFUL_TENANT_HEADER``,
+        ``VLLM_STATEFUL_TENANT_MAX_SESSIONS``, ``VLLM_STATEFUL_TENANT_MAX_TOKENS``."""
         cfg = cls()
+        if header := os.environ.get("VLLM_STATEFUL_TENANT_HEADER", "").strip():
+            cfg.tenant_header = header
+        if (v := _env_float("VLLM_STATEFUL_TENANT_MAX_SESSIONS")) is not None:
+            cfg.tenant_max_sessions = int(v)
+        if (v := _env_float("VLLM_STATEFUL_TENANT_MAX_TOKENS")) is not None:
+            cfg.tenant_max_tokens = int(v)
         if (v := _env_float("VLLM_STATEFUL_BUDGET_FRACTION")) is not None:
             cfg.budget_fraction = v
         if (v := _env_float("VLLM_STATEFUL_BUDGET_TOKENS")) is not None:

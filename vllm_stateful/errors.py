@@ -53,6 +53,15 @@ class BudgetExceededError(StatefulError):
     code = "session_budget_exceeded"
 
 
+class TenantLimitError(StatefulError):
+    """The tenant's cap on open sessions or on pinned KV tokens
+    (``tenant_max_sessions``, ``tenant_max_tokens``) would be passed. The
+    message names the cap and its value; other tenants are not affected."""
+
+    http_status = 429
+    code = "tenant_limit_exceeded"
+
+
 class AccessDeniedError(StatefulError):
     http_status = 403
     code = "forbidden"

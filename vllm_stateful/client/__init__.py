@@ -28,6 +28,7 @@ from vllm_stateful.errors import (
     SessionExistsError,
     SessionNotFoundError,
     StatefulError,
+    TenantLimitError,
 )
 from vllm_stateful.server.errors import (
     ApiKeyError,
@@ -59,5 +60,6 @@ __all__ = [
     "SessionStats",
     "SessionsUnavailableError",
     "StatefulError",
+    "TenantLimitError",
     "UnauthorizedError",
 ]

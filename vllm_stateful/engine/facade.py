@@ -132,10 +132,13 @@ class StatefulEngine:
         session_id: str | None = None,
         ttl_s: float | None = None,
         flash: Sequence[dict[str, Any]] = (),
+        tenant: str | None = None,
     ) -> Session:
         """Open a session whose version 0 is ``prefix``; returns once the
         prefix is ingested (pinned). ``flash`` holds keyword arguments for
         :meth:`register_flash`, registered atomically with the session.
+        ``tenant`` (default ``"default"``) is whose per-tenant caps the
+        session counts against (``TenantLimitError`` past one).
 
         If the prefix cannot be ingested or the caller is cancelled first,
         the session is rolled back (released: budget and pin given back)
@@ -144,11 +147,15 @@ class StatefulEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise InvalidInputError("session_id must be a non-empty string")
         session_id = session_id or uuid.uuid4().hex
+        if tenant is None:
+            tenant = "default"
+        if not isinstance(tenant, str) or not tenant:
+            raise InvalidInputError("tenant must be a non-empty string")
         if isinstance(prefix, str):
             tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
         else:
             tokens = self._check_token_ids(prefix, allow_empty=True)
-        self.registry.check_new(session_id, len(tokens), ttl_s)
+        self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
         flash_queries = [self.flash.make(**spec) for spec in flash]
         self.flash.check_room(len(flash_queries), 0)
         session = Session(
@@ -157,6 +164,7 @@ class StatefulEngine:
             access_token=secrets.token_urlsafe(24),
             tokens=tokens,
             ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
+            tenant=tenant,
             max_event_queue=self.config.max_event_queue,
         )
         session.flash = {fq.id: fq for fq in flash_queries}

@@ -28,6 +28,7 @@ from vllm_stateful.errors import (
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
+    TenantLimitError,
 )
 from vllm_stateful.protocol import Op
 
@@ -63,19 +64,44 @@ class SessionRegistry:
 
     # ---------------------------------------------------------------- admission
 
-    def check_new(self, session_id: str, num_tokens: int, ttl_s: float | None) -> None:
+    def check_new(
+        self, session_id: str, num_tokens: int, ttl_s: float | None, tenant: str = "default"
+    ) -> None:
         if session_id in self.sessions:
             raise SessionExistsError(f"session '{session_id}' already exists")
         if len(self.sessions) >= self.config.max_sessions:
             raise InvalidInputError(f"too many sessions (max {self.config.max_sessions})")
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidInputError("ttl_s must be positive")
-        self.check_grow(session_id, num_tokens)
+        cap = self.config.tenant_max_sessions
+        if cap is not None:
+            mine = sum(1 for s in self.sessions.values() if s.tenant == tenant)
+            if mine >= cap:
+                raise TenantLimitError(
+                    f"tenant '{tenant}' has {mine} open sessions; the per-tenant cap "
+                    f"tenant_max_sessions (VLLM_STATEFUL_TENANT_MAX_SESSIONS) is {cap}"
+                )
+        self.check_grow(session_id, num_tokens, tenant)
 
-    def check_grow(self, session_id: str, num_tokens: int) -> None:
-        """May ``session_id`` hold ``num_tokens`` tokens? Raises if not."""
+    def check_grow(self, session_id: str, num_tokens: int, tenant: str | None = None) -> None:
+        """May ``session_id`` hold ``num_tokens`` tokens? Raises if not.
+        ``tenant``: the new session's (default: the existing session's)."""
         self.check_fits(session_id, num_tokens)
         me = self.sessions.get(session_id)
+        if tenant is None:
+            tenant = me.tenant if me is not None else "default"
+        cap = self.config.tenant_max_tokens
+        if cap is not None:
+            theirs = self.budget.used(
+                len(s.tokens) for s in self.budgeted() if s is not me and s.tenant == tenant
+            )
+            need = self.budget.cost(num_tokens)
+            if theirs + need > cap:
+                raise TenantLimitError(
+                    f"tenant '{tenant}' would pin {theirs + need} KV tokens (session "
+                    f"'{session_id}' {need}, its other sessions {theirs}); the per-tenant cap "
+                    f"tenant_max_tokens (VLLM_STATEFUL_TENANT_MAX_TOKENS) is {cap}"
+                )
         others = self.budget.used(len(s.tokens) for s in self.budgeted() if s is not me)
         self.budget.check(others, num_tokens, session_id)
 

@@ -72,6 +72,7 @@ class SessionStats:
     ingest_lag_s: float  # age of the oldest un-ingested append; 0.0 when caught up
     ingest_rate_tps: float | None  # smoothed; None before the first measurement
     state: str = "active"  # SessionState value; stats exist for open sessions only
+    tenant: str = "default"  # whose per-tenant caps the session counts against
 
 
 # How many (version, ingested time) entries a session keeps for
@@ -88,6 +89,8 @@ class Session:
     access_token: str
     tokens: list[int]
     ttl_s: float | None = None
+    # The tenant whose caps (config tenant_max_sessions / _tokens) it counts against.
+    tenant: str = "default"
     lengths: list[int] = field(default_factory=list)
     ingested_version: int = -1
     pinned_tokens: int = 0
@@ -197,4 +200,5 @@ class Session:
             ingest_lag_s=self.ingest_lag_s(),
             ingest_rate_tps=self.ingest_rate_tps,
             state=self.state.value,
+            tenant=self.tenant,
         )

@@ -24,6 +24,7 @@ from vllm_stateful.errors import (
     SessionExistsError,
     SessionNotFoundError,
     StatefulError,
+    TenantLimitError,
 )
 
 
@@ -77,6 +78,7 @@ ERRORS_BY_CODE: dict[str, type[StatefulError]] = {
         IngestionFailedError,
         CommitConflictError,
         EngineDeadError,
+        TenantLimitError,
         AccessDeniedError,
         UnauthorizedError,
         ApiKeyError,

@@ -175,6 +175,17 @@ def _flag(request: Request, name: str) -> bool:
     raise InvalidInputError(f"query parameter '{name}' must be true or false, got {raw!r}")
 
 
+def _tenant(st: ServerState, request: Request) -> str | None:
+    """The tenant named by the configured header (``tenant_header``); None
+    (tenant "default") when the header is absent or blank."""
+    raw = request.headers.get(st.engine.config.tenant_header, "").strip()
+    if len(raw) > 256:
+        raise InvalidInputError(
+            f"header {st.engine.config.tenant_header} is longer than 256 characters"
+        )
+    return raw or None
+
+
 def _stats(st: ServerState, session_id: str) -> SessionStats:
     return SessionStats(**dataclasses.asdict(st.engine.get_session(session_id)))
 
@@ -192,7 +203,10 @@ async def create_session(request: Request) -> Response:
     # session back (nobody would ever hold its token), budget and pin
     # included.
     session = await _unless_disconnected(
-        request, st.engine.create_session(body.prefix, body.session_id, body.ttl_s, flash)
+        request,
+        st.engine.create_session(
+            body.prefix, body.session_id, body.ttl_s, flash, tenant=_tenant(st, request)
+        ),
     )
     out = CreateSessionResponse(
         id=session.id,

@@ -72,6 +72,7 @@ class SessionStats(_Open):
     backlog_tokens: int = 0  # appended but not yet ingested
     ingest_lag_s: float = 0.0  # age of the oldest un-ingested append; 0.0 when caught up
     ingest_rate_tps: float | None = None  # prompt tokens/s ingested, smoothed; None: not yet measured
+    tenant: str = "default"  # from the tenant header at create (config tenant_header)
 
 
 class SessionList(_Open):

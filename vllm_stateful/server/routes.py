@@ -34,6 +34,7 @@ from vllm_stateful.server.auth import authorize, opens, require_tokens
 from vllm_stateful.server.chat import render_chat
 from vllm_stateful.server.delegate import Delegate
 from vllm_stateful.server.errors import ModelNotFoundError, error_body, invalid_input
+from vllm_stateful.server.openapi import operation
 from vllm_stateful.server.sampling import (
     COMPLETION_MAX_TOKENS,
     build_sampling_params,
@@ -193,7 +194,9 @@ def _stats(st: ServerState, session_id: str) -> SessionStats:
 # ------------------------------------------------------------------ sessions
 
 
-@router.post("/v1/sessions", status_code=201)
+@router.post("/v1/sessions", status_code=201, openapi_extra=operation(
+    CreateSessionRequest, token=False, body_required=False
+))  # fmt: skip
 @handles_errors
 async def create_session(request: Request) -> Response:
     st = server_state(request)
@@ -217,7 +220,7 @@ async def create_session(request: Request) -> Response:
     return _json(out, 201)
 
 
-@router.get("/v1/sessions")
+@router.get("/v1/sessions", openapi_extra=operation())
 @handles_errors
 async def list_sessions(request: Request) -> Response:
     """Only the sessions that the caller's tokens open: ids are caller-chosen
@@ -228,7 +231,7 @@ async def list_sessions(request: Request) -> Response:
     return _json(SessionList(data=[_stats(st, i) for i in ids]))
 
 
-@router.get("/v1/sessions/{session_id}")
+@router.get("/v1/sessions/{session_id}", openapi_extra=operation())
 @handles_errors
 async def get_session(session_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -236,7 +239,7 @@ async def get_session(session_id: str, request: Request) -> Response:
     return _json(_stats(st, session_id))
 
 
-@router.delete("/v1/sessions/{session_id}")
+@router.delete("/v1/sessions/{session_id}", openapi_extra=operation())
 @handles_errors
 async def close_session(session_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -245,7 +248,9 @@ async def close_session(session_id: str, request: Request) -> Response:
     return _json(CloseResponse(id=session_id))
 
 
-@router.post("/v1/sessions/{session_id}/append", status_code=202)
+@router.post("/v1/sessions/{session_id}/append", status_code=202, openapi_extra=operation(
+    AppendRequest, query={"wait": {"type": "boolean"}}
+))  # fmt: skip
 @handles_errors
 async def append(session_id: str, request: Request) -> Response:
     """202 with the new version; ``?wait=true``: 200 once it is ingested."""
@@ -260,7 +265,7 @@ async def append(session_id: str, request: Request) -> Response:
     return _json(AppendResponse(version=version, ingested_version=ingested))
 
 
-@router.get("/v1/sessions/{session_id}/events")
+@router.get("/v1/sessions/{session_id}/events", openapi_extra=operation())
 @handles_errors
 async def events(session_id: str, request: Request) -> Response:
     """SSE: ``ingested`` per ingested version (coalesced appends give one
@@ -296,7 +301,9 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # --------------------------------------------------------------------- flash
 
 
-@router.post("/v1/sessions/{session_id}/flash", status_code=201)
+@router.post(
+    "/v1/sessions/{session_id}/flash", status_code=201, openapi_extra=operation(FlashRequest)
+)
 @handles_errors
 async def register_flash(session_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -306,7 +313,7 @@ async def register_flash(session_id: str, request: Request) -> Response:
     return _json(_flash_info(fq, None), 201)
 
 
-@router.get("/v1/sessions/{session_id}/flash")
+@router.get("/v1/sessions/{session_id}/flash", openapi_extra=operation())
 @handles_errors
 async def list_flash(session_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -314,7 +321,7 @@ async def list_flash(session_id: str, request: Request) -> Response:
     return _json(FlashList(data=[_flash_info(fq, r) for fq, r in st.engine.list_flash(session_id)]))
 
 
-@router.delete("/v1/sessions/{session_id}/flash/{flash_id}")
+@router.delete("/v1/sessions/{session_id}/flash/{flash_id}", openapi_extra=operation())
 @handles_errors
 async def drop_flash(session_id: str, flash_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -363,7 +370,9 @@ def _flash_info(fq: Any, result: Any) -> FlashInfo:
 # --------------------------------------------------------------- completions
 
 
-@router.post("/v1/sessions/{session_id}/completions")
+@router.post(
+    "/v1/sessions/{session_id}/completions", openapi_extra=operation(SessionCompletionRequest)
+)
 @handles_errors
 async def session_completions(session_id: str, request: Request) -> Response:
     st = server_state(request)
@@ -372,7 +381,9 @@ async def session_completions(session_id: str, request: Request) -> Response:
     return await _answer(st, request, session_id, body)
 
 
-@router.post("/v1/sessions/{session_id}/chat/completions")
+@router.post(
+    "/v1/sessions/{session_id}/chat/completions", openapi_extra=operation(SessionChatRequest)
+)
 @handles_errors
 async def session_chat(session_id: str, request: Request) -> Response:
     st = server_state(request)

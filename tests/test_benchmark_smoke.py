@@ -112,3 +112,36 @@ def test_live_stream_smoke(tmp_path: Path) -> None:
             assert v["session_version"] == v["acknowledged_version"]
         assert sum(v["acknowledged_tokens"] for v in lv["verification"]) == s["tokens_acknowledged"]
     assert (tmp_path / "live_stream.md").read_text().count("| vllm-stateful |") == 4
+
+
+def test_speculation_smoke(tmp_path: Path) -> None:
+    """``benchmarks/speculation.py --smoke``: the tiny model served with
+    speculation off and with n-gram drafts, 1 and 2 sessions, copy-heavy and
+    other questions. Every answer arrives, greedy answers are equal with and
+    without speculation, and the JSON carries every reported figure."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speculation.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    res = json.loads((tmp_path / "speculation_smoke.json").read_text())
+    meta = res["meta"]
+    assert meta["cpu"] and isinstance(meta["cpu_flags"], list) and meta["dtype"] == "float32"
+    assert res["status"]["off"] == res["status"]["ngram"] == "ran"
+    assert res["status"]["llama.cpp"].startswith("not run")
+    rows = {(r["mode"], r["sessions"], r["kind"]): r for r in res["rows"]}
+    assert set(rows) == {(m, n, k) for m in ("off", "ngram") for n in (1, 2) for k in ("copy", "other")}
+    for (mode, n, kind), r in rows.items():
+        # 3 questions of each kind per session, one round per level.
+        assert r["answers"] == 3 * n, (mode, n, kind)
+        assert r["ms_per_token_p50"] > 0 and r["latency_ms_p50"] > 0
+        assert r["speedup_vs_off"] is not None
+        assert r["draft_tokens"] is not None  # read from /metrics
+        if mode == "off":
+            assert r["draft_tokens"] == 0
+    assert res["same_answers"]["ngram"] == [18, 18]  # (1 + 2 sessions) x 6 questions
+    # A session question computes its own tokens, not the context (fewer
+    # when the previous question's full block shares its opening words).
+    assert all(0 < a["computed_tokens"] <= a["question_tokens"] for a in res["asks"])
+    assert "| sessions | questions | setting |" in (tmp_path / "speculation_smoke.md").read_text()

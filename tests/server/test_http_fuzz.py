@@ -140,3 +140,25 @@ def test_fuzz_session_routes(server: Server, http: httpx.Client, open_session):
     check = http.get("/v1/stateful/reconcile").json()
     assert check["agree"], check
     assert (check["open_sessions"], check["ending_sessions"]) == (1, 0), check
+
+
+def test_integers_past_64_bits_are_refused(http: httpx.Client, open_session):
+    """Found by the fuzzer: an integer sampling field past 64 bits (here
+    ``top_k``) passed validation and made vLLM's msgpack encoder raise on the
+    way to the engine core: a 500. Now each is a 400 naming the field, and the
+    session still answers."""
+    s = open_session("integers")
+    url = f"/v1/sessions/{s.id}"
+    huge = 42832880612905351125340782592
+    for field, value in (("top_k", huge), ("seed", huge), ("seed", -huge),
+                         ("stop_token_ids", [huge]), ("min_tokens", 2**64), ("max_tokens", 2**64)):  # fmt: skip
+        for route in ("/completions", "/chat/completions", "/flash"):
+            body = ({"messages": [{"role": "user", "content": "hi"}]} if route.startswith("/chat")
+                    else {"prompt": " hi"})  # fmt: skip
+            body = {"max_tokens": 4, "temperature": 0, **body, field: value}
+            r = http.post(url + route, json=body, headers=s.headers)
+            assert r.status_code == 400, (field, route, r.status_code, r.text)
+            assert r.json()["error"]["param"] in (field, f"{field}.0"), r.text
+    r = http.post(url + "/completions", json={"prompt": " hi", "max_tokens": 4, "seed": 2**63 - 1,
+                                                "top_k": 2**40}, headers=s.headers)  # fmt: skip
+    assert r.status_code == 200, r.text

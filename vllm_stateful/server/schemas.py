@@ -11,11 +11,17 @@ implement (``n > 1``, ``logprobs``, ``echo``, ...) are refused by name.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Consistency = Literal["ingested", "latest"]
+
+# Integers the engine receives: vLLM sends requests to its engine core as
+# msgpack, which cannot carry integers outside 64 bits (the encoder raises,
+# which would be a 500); vLLM's own server bounds ``seed`` the same way.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 # Header that carries a session's access token on every session route.
 TOKEN_HEADER = "X-Session-Token"
@@ -147,18 +153,18 @@ class SamplingFields(_Strict):
     """Sampling fields shared by completions, chat and flash queries; they map
     onto ``vllm.SamplingParams`` (see ``server/sampling.py``)."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -250,7 +256,7 @@ class SessionChatRequest(SessionQuery):
     the text is asked after the session's context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")

@@ -6,43 +6,53 @@ import pytest
 
 from vllm_stateful.kv.pacing import StepCostModel
 
-BASE, PER_TOKEN = 0.025, 0.002  # a 25 ms decode step, 2 ms per prompt token
+# A step: 20 ms fixed, 5 ms per decoding request, 2 ms per prompt token.
+FIXED, PER_DECODE, PER_TOKEN = 0.020, 0.005, 0.002
 
 
-def fitted(sizes: list[int], **kwargs) -> StepCostModel:
+def fitted(steps: list[tuple[int, int]], **kwargs) -> StepCostModel:
+    """steps: (prompt tokens, decoding requests)."""
     model = StepCostModel(**kwargs)
-    for p in sizes:
-        model.observe(BASE + PER_TOKEN * p, p)
+    for p, d in steps:
+        model.observe(FIXED + PER_DECODE * d + PER_TOKEN * p, p, d)
     return model
 
 
+MIXED = [(0, 1), (3, 1), (64, 0), (256, 2), (17, 4), (0, 8), (100, 1)] * 10
+
+
 def test_fit_recovers_step_costs_from_mixed_steps():
-    model = fitted([0, 3, 64, 256, 17] * 10, slack=0.5, idle_factor=6.0, min_tokens=2)
-    assert model.base_s == pytest.approx(BASE)
+    model = fitted(MIXED, slack=0.5, idle_factor=6.0, min_tokens=2)
+    assert model.fixed_s == pytest.approx(FIXED)
+    assert model.per_decode_s == pytest.approx(PER_DECODE)
     assert model.per_token_s == pytest.approx(PER_TOKEN)
-    # 0.5 * 25 / 2 = 6.25 tokens beside a question; 6 * 25 / 2 = 75 otherwise.
-    assert model.foreground_tokens() == 6
+    # Beside one question: 0.5 * (20 + 5) / 2 = 6.25 tokens; beside 8
+    # questions the decode step is 60 ms, so 15 tokens; idle: 6 * 25 / 2 = 75.
+    assert model.foreground_tokens(1) == 6
+    assert model.foreground_tokens(8) == 15
     assert model.idle_tokens() == 75
 
 
 def test_fit_works_under_pure_ingestion():
-    # No decode step ever runs: only prefill chunks of two sizes.
-    model = fitted([256, 256, 100] * 20)
-    assert model.base_s == pytest.approx(BASE)
-    assert model.idle_tokens() == 75
+    # No decode step ever runs: only prefill chunks of two sizes; the
+    # per-decode cost cannot be told apart and is folded into the fixed one.
+    model = fitted([(256, 0), (256, 0), (100, 0)] * 20)
+    assert model.fixed_s == pytest.approx(FIXED)
+    assert model.per_decode_s == 0.0
+    assert model.idle_tokens() == 60  # 6 * 20 / 2
 
 
 def test_floor_and_unfitted_defaults():
-    model = fitted([256] * 30, min_tokens=4)  # no spread: nothing can be fitted
-    assert model.base_s is None
+    model = fitted([(256, 0)] * 30, min_tokens=4)  # no spread: nothing can be fitted
+    assert model.fixed_s is None
     assert model.foreground_tokens() == 4
     assert model.idle_tokens() == 256
     # A fitted allowance below the floor is raised to it.
-    assert fitted([0, 10, 50] * 10, slack=0.1, min_tokens=4).foreground_tokens() == 4
+    assert fitted(MIXED, slack=0.1, min_tokens=4).foreground_tokens(1) == 4
 
 
 def test_fit_follows_a_growing_context():
-    model = fitted([0, 30, 60] * 30)
-    for p in [0, 30, 60] * 100:  # the context grew: prompt tokens cost twice as much
-        model.observe(BASE + 2 * PER_TOKEN * p, p)
+    model = fitted(MIXED)
+    for p, d in MIXED * 10:  # the context grew: prompt tokens cost twice as much
+        model.observe(FIXED + PER_DECODE * d + 2 * PER_TOKEN * p, p, d)
     assert model.per_token_s == pytest.approx(2 * PER_TOKEN, rel=0.01)

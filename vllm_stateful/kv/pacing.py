@@ -1,29 +1,34 @@
 """How many ingestion tokens a scheduler step may carry.
 
-The cost of a step on these engines is close to linear in the prompt tokens
-it computes: ``t = base + per_token * prompt_tokens``, where ``base`` is a
-pure decode step (dominated by reading the weights) and ``per_token`` grows
-with the context the tokens attend to. Both are fitted online to the
-engine's own steps (least squares with exponential forgetting, so the fit
-follows the streams' growing context), never assumed: the allowance follows
-the machine, the model and the context. Steps of every kind feed the fit,
-so it works under pure ingestion too, where no decode step ever runs.
+The cost of a step on these engines is close to linear in what it computes:
+``t = fixed + per_decode * D + per_token * P`` for ``D`` requests decoding
+and ``P`` prompt (prefill) tokens. ``fixed`` is dominated by reading the
+weights; ``per_decode`` by each decoding request's attention over its
+context; ``per_token`` grows with the context prompt tokens attend to. All
+three are fitted online to the engine's own steps (least squares with
+exponential forgetting, so the fit follows the streams' growing context),
+never assumed: the allowance follows the machine, the model and the
+context. Steps of every kind feed the fit, so it works under pure ingestion
+too, where no decode step ever runs.
 
 Two limits come out of it:
 
-* ``foreground_tokens``: while a question (or any foreground request) runs,
-  a step may carry only as many ingestion tokens as keep it within
-  ``1 + slack`` of a pure decode step, so questions barely notice ingestion;
-* ``idle_tokens``: with no foreground work, a step may run up to
-  ``1 + idle_factor`` decode steps long. That is the longest a newly arrived
-  question waits for the step in flight (one chunk); the factor sets the
-  trade between ingestion throughput (``idle_factor / (1 + idle_factor)`` of
-  unbounded steps) and that wait.
+* ``foreground_tokens(D)``: while questions (or any foreground requests)
+  run, a step may carry only as many ingestion tokens as keep it within
+  ``1 + slack`` of the pure decode step of those ``D`` requests, so
+  questions barely notice ingestion;
+* ``idle_tokens()``: with no foreground work, a step may run up to
+  ``1 + idle_factor`` single-request decode steps long. That is the longest
+  a newly arrived question waits for the step in flight (one chunk); the
+  factor sets the trade between ingestion throughput (about
+  ``idle_factor / (1 + idle_factor)`` of unbounded steps) and that wait.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -33,40 +38,61 @@ class StepCostModel:
     min_tokens: int = 4  # progress is guaranteed whatever the measurements say
     max_tokens: int = 8192
     decay: float = 0.98  # weight kept by older samples per new one (~50-step memory)
-    # Exponentially weighted sums of 1, P, P^2, t, P*t over steps.
-    _s: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
-    base_s: float | None = None  # a pure decode step
-    per_token_s: float | None = None  # one more prompt token in a step
+    # Exponentially weighted normal equations over steps, x = (1, D, P).
+    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+    _xty: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    fixed_s: float | None = None
+    per_decode_s: float | None = None
+    per_token_s: float | None = None
 
-    def observe(self, duration_s: float, prompt_tokens: int) -> None:
-        """One finished step: its wall time and the prompt (non-decode)
-        tokens it computed."""
-        p, t, d = float(prompt_tokens), duration_s, self.decay
-        s0, s1, s2, t0, t1 = self._s
-        self._s = (d * s0 + 1, d * s1 + p, d * s2 + p * p, d * t0 + t, d * t1 + p * t)
+    def observe(self, duration_s: float, prompt_tokens: int, decoding: int) -> None:
+        """One finished step: its wall time, the prompt (prefill) tokens it
+        computed and the number of requests that decoded in it."""
+        x = np.array([1.0, float(decoding), float(prompt_tokens)])
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + duration_s * x
         self._fit()
 
     def _fit(self) -> None:
-        s0, s1, s2, t0, t1 = self._s
-        det = s0 * s2 - s1 * s1
-        # Too little spread in step sizes to tell base from per-token cost.
-        if s0 < 4 or det <= 1e-9 * max(s0 * s2, 1.0):
+        if self._xtx[0, 0] < 4:
             return
-        slope = (s0 * t1 - s1 * t0) / det
-        base = (t0 - slope * s1) / s0
-        if slope > 0 and base > 0:
-            self.base_s, self.per_token_s = base, slope
+        # Which effects the steps so far can tell apart: without decode-only
+        # variety the per-decode cost folds into the fixed one, and without
+        # any spread in prompt tokens nothing is fitted.
+        cols = [0, 1, 2] if self._varies(1) else [0, 2]
+        if not self._varies(2):
+            return
+        a = self._xtx[np.ix_(cols, cols)]
+        b = self._xty[cols]
+        try:
+            coef = np.linalg.solve(a + 1e-12 * np.eye(len(cols)), b)
+        except np.linalg.LinAlgError:
+            return
+        fixed, per_token = coef[0], coef[-1]
+        per_decode = coef[1] if len(cols) == 3 else 0.0
+        if fixed > 0 and per_token > 0 and per_decode >= 0:
+            self.fixed_s, self.per_decode_s, self.per_token_s = fixed, per_decode, per_token
 
-    def foreground_tokens(self) -> int:
-        return self._tokens_for(self.slack)
+    def _varies(self, i: int) -> bool:
+        n, s, ss = self._xtx[0, 0], self._xtx[0, i], self._xtx[i, i]
+        return n * ss - s * s > 1e-9 * max(n * ss, 1.0)
+
+    def decode_step_s(self, decoding: int) -> float | None:
+        if self.fixed_s is None:
+            return None
+        return self.fixed_s + (self.per_decode_s or 0.0) * max(decoding, 1)
+
+    def foreground_tokens(self, decoding: int = 1) -> int:
+        return self._tokens_for(self.slack, decoding)
 
     def idle_tokens(self) -> int:
-        return self._tokens_for(self.idle_factor)
+        return self._tokens_for(self.idle_factor, 1)
 
-    def _tokens_for(self, extra_steps: float) -> int:
-        if self.base_s is None or self.per_token_s is None:
+    def _tokens_for(self, extra_steps: float, decoding: int) -> int:
+        step = self.decode_step_s(decoding)
+        if step is None or not self.per_token_s:
             # Nothing fitted yet: the floor beside questions, moderate steps
             # otherwise (their spread is what the first fit needs).
             return self.min_tokens if extra_steps < 1 else min(64 * self.min_tokens, self.max_tokens)
-        tokens = int(extra_steps * self.base_s / self.per_token_s + 1e-6)
+        tokens = int(extra_steps * step / self.per_token_s + 1e-6)
         return max(self.min_tokens, min(tokens, self.max_tokens))

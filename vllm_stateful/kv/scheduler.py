@@ -117,6 +117,7 @@ class StatefulScheduler(Scheduler):
         self.steps = StepLog()
         self._step_started: float | None = None
         self._step_prompt_tokens = 0
+        self._step_decoding = 0
         self._logged_at = 0.0
         attach = getattr(self.connector, "attach_step_log", None)
         if attach is not None:
@@ -151,14 +152,18 @@ class StatefulScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
         now = time.monotonic()
         if self._step_started is not None and scheduler_output.total_num_scheduled_tokens:
-            self.cost.observe(now - self._step_started, self._step_prompt_tokens)
+            self.cost.observe(
+                now - self._step_started, self._step_prompt_tokens, self._step_decoding
+            )
             if now - self._logged_at > LOG_EVERY_S and self.cost.per_token_s:
                 self._logged_at = now
                 logger.info(
-                    "vllm-stateful pacing: decode step %.1f ms, +%.2f ms per prompt token; "
-                    "ingestion per step: %d tokens beside a question, %d otherwise",
-                    1e3 * self.cost.base_s, 1e3 * self.cost.per_token_s,
-                    self.cost.foreground_tokens(), self.cost.idle_tokens(),
+                    "vllm-stateful pacing: step %.1f ms + %.1f ms per decoding request "
+                    "+ %.2f ms per prompt token; ingestion per step: %d tokens beside one "
+                    "question, %d otherwise",
+                    1e3 * self.cost.fixed_s, 1e3 * (self.cost.per_decode_s or 0.0),
+                    1e3 * self.cost.per_token_s, self.cost.foreground_tokens(1),
+                    self.cost.idle_tokens(),
                 )
         self._step_started = None
         return super().update_from_output(scheduler_output, model_runner_output)
@@ -219,7 +224,8 @@ class StatefulScheduler(Scheduler):
             max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
             for r in fg_running
         )
-        budget = min(need + self.cost.foreground_tokens(), self.max_num_scheduled_tokens)
+        allowance = self.cost.foreground_tokens(len(fg_running))
+        budget = min(need + allowance, self.max_num_scheduled_tokens)
         return hidden_running, hidden_waiting, max(1, budget)
 
     def _reorder_waiting(self, waiting: list[Request], rank: Any) -> None:
@@ -236,6 +242,7 @@ class StatefulScheduler(Scheduler):
         drafts = output.scheduled_spec_decode_tokens
         ingest = 0
         prompt_tokens = 0
+        decoding = 0
         for req_id, n in scheduled.items():
             request = self.requests.get(req_id)
             if request is None:
@@ -245,6 +252,8 @@ class StatefulScheduler(Scheduler):
             n_decode = 1 + len(drafts.get(req_id, ()))
             if n > n_decode:
                 prompt_tokens += n
+            else:
+                decoding += 1
             if lane_of(request) is Lane.INGEST:
                 ingest += n
         running = {r.request_id for r in self.running}
@@ -260,4 +269,5 @@ class StatefulScheduler(Scheduler):
             elif req_id in running:
                 wait.passed_over += 1
         self._step_prompt_tokens = prompt_tokens
+        self._step_decoding = decoding
         self._step_started = time.monotonic() if scheduled else None

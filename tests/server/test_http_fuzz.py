@@ -162,3 +162,17 @@ def test_integers_past_64_bits_are_refused(http: httpx.Client, open_session):
     r = http.post(url + "/completions", json={"prompt": " hi", "max_tokens": 4, "seed": 2**63 - 1,
                                                 "top_k": 2**40}, headers=s.headers)  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+def test_infinity_and_nan_are_refused(http: httpx.Client, open_session):
+    """Python's JSON parser takes ``Infinity`` and ``NaN``: an infinite
+    ``ttl_s`` made a session whose stats could not be written as JSON."""
+    for raw in ('{"ttl_s": Infinity}', '{"ttl_s": NaN}'):
+        r = http.post("/v1/sessions", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "ttl_s", r.text
+    s = open_session("finite")
+    raw = '{"prompt": " hi", "max_tokens": 4, "temperature": Infinity}'
+    r = http.post(f"/v1/sessions/{s.id}/completions", content=raw, headers=s.headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    assert http.get(f"/v1/sessions/{s.id}", headers=s.headers).status_code == 200

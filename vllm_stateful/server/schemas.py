@@ -30,7 +30,9 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:@~-]+$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No Infinity/NaN (Python's JSON parser accepts them): an infinite
+    # ttl_s made the session's stats unserializable.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Open(BaseModel):

@@ -18,6 +18,7 @@ INGEST_STEP_TOKENS = 32
 os.environ["VLLM_STATEFUL_MIN_INGEST_TOKENS"] = str(INGEST_STEP_TOKENS)
 os.environ["VLLM_STATEFUL_FOREGROUND_SLACK"] = "0"
 os.environ["VLLM_STATEFUL_IDLE_STEP_FACTOR"] = "0"
+os.environ["VLLM_STATEFUL_ACTIVE_STEP_FACTOR"] = "0"
 
 import pytest
 import pytest_asyncio

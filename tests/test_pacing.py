@@ -22,7 +22,7 @@ MIXED = [(0, 1), (3, 1), (64, 0), (256, 2), (17, 4), (0, 8), (100, 1)] * 10
 
 
 def test_fit_recovers_step_costs_from_mixed_steps():
-    model = fitted(MIXED, slack=0.5, idle_factor=6.0, min_tokens=2)
+    model = fitted(MIXED, slack=0.5, idle_factor=6.0, active_factor=1.5, min_tokens=2)
     assert model.fixed_s == pytest.approx(FIXED)
     assert model.per_decode_s == pytest.approx(PER_DECODE)
     assert model.per_token_s == pytest.approx(PER_TOKEN)
@@ -31,12 +31,14 @@ def test_fit_recovers_step_costs_from_mixed_steps():
     assert model.foreground_tokens(1) == 6
     assert model.foreground_tokens(8) == 15
     assert model.idle_tokens() == 75
+    # While questions come: 1.5 * 25 / 2 = 18.75.
+    assert model.idle_tokens(active=True) == 18
 
 
 def test_fit_works_under_pure_ingestion():
     # No decode step ever runs: only prefill chunks of two sizes; the
     # per-decode cost cannot be told apart and is folded into the fixed one.
-    model = fitted([(256, 0), (256, 0), (100, 0)] * 20)
+    model = fitted([(256, 0), (256, 0), (100, 0)] * 20, idle_factor=6.0)
     assert model.fixed_s == pytest.approx(FIXED)
     assert model.per_decode_s == 0.0
     assert model.idle_tokens() == 60  # 6 * 20 / 2

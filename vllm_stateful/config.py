@@ -103,10 +103,14 @@ class SchedulingConfig:
 
     # While a question runs, a step may carry ingestion up to this fraction
     # of a pure decode step's time on top of it.
-    foreground_slack: float = 0.25
-    # With no question running, a step may take this many decode steps' time:
-    # the longest a question arriving now waits for the step in flight.
-    idle_step_factor: float = 6.0
+    foreground_slack: float = 0.1
+    # With no question running, a step may take this many decode steps' time
+    # on top of one: the longest a question arriving now waits for the step
+    # in flight. Small while questions come (within ``active_window_s`` of
+    # the last one), large after a quiet spell (a feed alone at full speed).
+    active_step_factor: float = 1.5
+    idle_step_factor: float = 12.0
+    active_window_s: float = 10.0
     # Ingestion tokens a step may always carry, whatever the measurements
     # (so ingestion never stops entirely). Small: on CPU one prompt token
     # costs several percent of a decode step.
@@ -117,12 +121,17 @@ class SchedulingConfig:
     @classmethod
     def from_env(cls) -> SchedulingConfig:
         """``VLLM_STATEFUL_FOREGROUND_SLACK``, ``VLLM_STATEFUL_IDLE_STEP_FACTOR``,
+        ``VLLM_STATEFUL_ACTIVE_STEP_FACTOR``, ``VLLM_STATEFUL_ACTIVE_WINDOW_S``,
         ``VLLM_STATEFUL_MIN_INGEST_TOKENS``, ``VLLM_STATEFUL_STARVE_STEPS``."""
         cfg = cls()
         if (v := _env_float("VLLM_STATEFUL_FOREGROUND_SLACK")) is not None:
             cfg.foreground_slack = v
         if (v := _env_float("VLLM_STATEFUL_IDLE_STEP_FACTOR")) is not None:
             cfg.idle_step_factor = v
+        if (v := _env_float("VLLM_STATEFUL_ACTIVE_STEP_FACTOR")) is not None:
+            cfg.active_step_factor = v
+        if (v := _env_float("VLLM_STATEFUL_ACTIVE_WINDOW_S")) is not None:
+            cfg.active_window_s = v
         if (v := _env_float("VLLM_STATEFUL_MIN_INGEST_TOKENS")) is not None:
             cfg.min_ingest_tokens = max(1, int(v))
         if (v := _env_float("VLLM_STATEFUL_STARVE_STEPS")) is not None:

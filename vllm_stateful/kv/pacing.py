@@ -17,11 +17,13 @@ Two limits come out of it:
   run, a step may carry only as many ingestion tokens as keep it within
   ``1 + slack`` of the pure decode step of those ``D`` requests, so
   questions barely notice ingestion;
-* ``idle_tokens()``: with no foreground work, a step may run up to
-  ``1 + idle_factor`` single-request decode steps long. That is the longest
-  a newly arrived question waits for the step in flight (one chunk); the
+* ``idle_tokens(active)``: with no foreground work, a step may run up to
+  ``1 + factor`` single-request decode steps long. That is the longest a
+  newly arrived question waits for the step in flight (one chunk); the
   factor sets the trade between ingestion throughput (about
-  ``idle_factor / (1 + idle_factor)`` of unbounded steps) and that wait.
+  ``factor / (1 + factor)`` of unbounded steps) and that wait. While
+  questions come (``active``) the factor is small, so they barely wait;
+  after a quiet spell it is large, so a feed alone runs at full speed.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import numpy as np
 
 @dataclass
 class StepCostModel:
-    slack: float = 0.25
-    idle_factor: float = 6.0
+    slack: float = 0.1
+    idle_factor: float = 12.0
+    active_factor: float = 1.5
     min_tokens: int = 4  # progress is guaranteed whatever the measurements say
     max_tokens: int = 8192
     decay: float = 0.98  # weight kept by older samples per new one (~50-step memory)
@@ -85,8 +88,8 @@ class StepCostModel:
     def foreground_tokens(self, decoding: int = 1) -> int:
         return self._tokens_for(self.slack, decoding)
 
-    def idle_tokens(self) -> int:
-        return self._tokens_for(self.idle_factor, 1)
+    def idle_tokens(self, active: bool = False) -> int:
+        return self._tokens_for(self.active_factor if active else self.idle_factor, 1)
 
     def _tokens_for(self, extra_steps: float, decoding: int) -> int:
         step = self.decode_step_s(decoding)

@@ -110,10 +110,13 @@ class StatefulScheduler(Scheduler):
         self.cost = StepCostModel(
             slack=cfg.foreground_slack,
             idle_factor=cfg.idle_step_factor,
+            active_factor=cfg.active_step_factor,
             min_tokens=cfg.min_ingest_tokens,
             max_tokens=self.max_num_scheduled_tokens,
         )
         self.starve_steps = cfg.starve_steps
+        self.active_window_s = cfg.active_window_s
+        self._foreground_seen = float("-inf")
         self.steps = StepLog()
         self._step_started: float | None = None
         self._step_prompt_tokens = 0
@@ -160,10 +163,10 @@ class StatefulScheduler(Scheduler):
                 logger.info(
                     "vllm-stateful pacing: step %.1f ms + %.1f ms per decoding request "
                     "+ %.2f ms per prompt token; ingestion per step: %d tokens beside one "
-                    "question, %d otherwise",
+                    "question, %d while questions come, %d otherwise",
                     1e3 * self.cost.fixed_s, 1e3 * (self.cost.per_decode_s or 0.0),
                     1e3 * self.cost.per_token_s, self.cost.foreground_tokens(1),
-                    self.cost.idle_tokens(),
+                    self.cost.idle_tokens(True), self.cost.idle_tokens(False),
                 )
         self._step_started = None
         return super().update_from_output(scheduler_output, model_runner_output)
@@ -180,36 +183,54 @@ class StatefulScheduler(Scheduler):
         lanes = {r.request_id: lane_of(r) for r in self.running}
         waiting = list(self.waiting)
         lanes.update((r.request_id, lane_of(r)) for r in waiting)
+        foreground = any(lane is Lane.FOREGROUND for lane in lanes.values())
+        now = time.monotonic()
+        if foreground:
+            self._foreground_seen = now
         # Flash work passed over too often goes first once, so it always
-        # progresses (it is small: a question and a short answer).
+        # progresses even beside a steady stream of questions.
         starved = {
             r.request_id
             for r in (*self.running, *waiting)
             if lanes[r.request_id] is Lane.FLASH and self._starved(r)
         }
 
-        def rank(r: Request) -> tuple[int, int]:
+        def rank(r: Request) -> tuple[float, int]:
             if r.request_id in starved:
                 return (-1, 0)
+            lane: float = lanes[r.request_id]
+            # With no question running, flash goes before ingestion: it is
+            # small (a question and a few decode tokens) and its answers are
+            # only useful while fresh.
+            if not foreground and lane is Lane.FLASH:
+                lane = Lane.INGEST - 0.5
             # Within a class, the request passed over longest goes first:
             # sessions share the ingestion allowance in turn.
             wait = self.steps.waits.get(r.request_id)
-            return (lanes[r.request_id], -(wait.passed_over if wait else 0))
+            return (lane, -(wait.passed_over if wait else 0))
 
         self.running.sort(key=rank)  # stable
         self._reorder_waiting(waiting, rank)
 
-        fg_running = [r for r in self.running if rank(r)[0] <= Lane.FOREGROUND]
-        fg_waiting = any(lanes[r.request_id] is Lane.FOREGROUND for r in waiting)
-        if not any(lanes[r.request_id] is Lane.FOREGROUND for r in fg_running) and not fg_waiting:
-            return [], [], max(1, min(self.cost.idle_tokens(), self.max_num_scheduled_tokens))
+        def needs(requests: list[Request]) -> int:
+            return sum(
+                max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
+                for r in requests
+            )
+
+        first = [r for r in self.running if rank(r)[0] < Lane.INGEST]
+        if foreground:
+            waiting_first = any(lanes[r.request_id] is Lane.FOREGROUND for r in waiting)
+        else:
+            waiting_first = any(lanes[r.request_id] is Lane.FLASH for r in waiting)
 
         def sits_out(r: Request) -> bool:
-            if rank(r)[0] <= Lane.FOREGROUND:
+            if rank(r)[0] < Lane.INGEST:
                 return False
-            lane = lanes[r.request_id]
-            # Admitting a waiting question comes before any background prefill.
-            return fg_waiting or lane is Lane.FLASH
+            # Admitting a waiting question (or, with none, a flash
+            # evaluation) comes before any ingestion prefill; beside a
+            # question, flash work pauses.
+            return waiting_first or lanes[r.request_id] is Lane.FLASH
 
         hidden_running = [r for r in self.running if sits_out(r)]
         hidden_waiting = [r for r in waiting if sits_out(r)]
@@ -218,14 +239,17 @@ class StatefulScheduler(Scheduler):
             self.running[:] = [r for r in self.running if id(r) not in keep]
         if hidden_waiting:
             self.waiting.remove_requests(hidden_waiting)
-        if fg_waiting:
+        if waiting_first:
             return hidden_running, hidden_waiting, self.max_num_scheduled_tokens
-        need = sum(
-            max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
-            for r in fg_running
-        )
-        allowance = self.cost.foreground_tokens(len(fg_running))
-        budget = min(need + allowance, self.max_num_scheduled_tokens)
+        if foreground:
+            allowance = self.cost.foreground_tokens(len(first))
+        else:
+            # Questions seen lately: short ingestion steps, since one may
+            # arrive any moment and wait for the step in flight; none for a
+            # while: long ones, for throughput.
+            active = now - self._foreground_seen < self.active_window_s
+            allowance = self.cost.idle_tokens(active)
+        budget = min(needs(first) + allowance, self.max_num_scheduled_tokens)
         return hidden_running, hidden_waiting, max(1, budget)
 
     def _reorder_waiting(self, waiting: list[Request], rank: Any) -> None:

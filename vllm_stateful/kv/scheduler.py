@@ -26,8 +26,11 @@ vLLM's scheduler sees, and restores it afterwards:
 * when a foreground request is waiting to be admitted, running ingestion
   and flash requests sit the step out, so it is admitted at once instead of
   after their prefill;
-* with no foreground work, steps are capped at a few decode steps' worth of
-  tokens: the longest a question arriving now waits for the step in flight.
+* with no foreground work, flash evaluations go first (they are small and
+  only useful while fresh; a waiting one is admitted at once) and ingestion
+  steps are capped: short while questions keep coming (the longest a
+  question arriving now waits for the step in flight), long after a quiet
+  spell, so a feed alone runs near full speed.
 
 Step records (``StepLog``) say what every request waited for; the connector
 reports them when the request finishes.

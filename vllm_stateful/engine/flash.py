@@ -25,20 +25,16 @@ from vllm_stateful.engine.rpc import EngineRPC, own_params
 from vllm_stateful.engine.session import Session, SessionEvent
 from vllm_stateful.errors import BudgetExceededError, InvalidInputError
 from vllm_stateful.protocol import Op
-
-# The sampling settings that decide an answer: a query hits a flash query's
-# cache only if all of them are equal.
-_KEY_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
-    "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output",
-)
+from vllm_stateful.sampling_fields import SAMPLING_FIELDS
 
 
 def params_key(params: SamplingParams) -> tuple:
+    """The sampling settings that decide an answer (``SAMPLING_FIELDS``, the
+    fields the server accepts): a query hits a flash query's cache only if
+    all of them are equal."""
     return tuple(
         tuple(v) if isinstance(v, list) else v
-        for v in (getattr(params, name) for name in _KEY_FIELDS)
+        for v in (getattr(params, name) for name in SAMPLING_FIELDS)
     )
 
 

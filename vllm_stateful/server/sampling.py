@@ -3,6 +3,8 @@
 Precedence follows vLLM's own completion handler: a value in the request,
 else the model's generation config (``--generation-config``), else OpenAI's
 default. ``max_tokens`` is capped by the context left after the prompt.
+Which fields there are, and which a model may default, is the table in
+``vllm_stateful/sampling_fields.py``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,9 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 
 from vllm_stateful.errors import ContextLengthError, InvalidInputError
+from vllm_stateful.sampling_fields import MODEL_DEFAULTABLE
 from vllm_stateful.server.schemas import SamplingFields
 
-# Model defaults (generation_config.json) that may stand in for an unset field.
-_DEFAULTABLE = (
-    "temperature", "top_p", "top_k", "min_p",
-    "repetition_penalty", "presence_penalty", "frequency_penalty",
-)  # fmt: skip
 # OpenAI's default for /v1/completions; chat defaults to the context left.
 COMPLETION_MAX_TOKENS = 16
 
@@ -45,7 +43,9 @@ def resolve_max_tokens(
 def build_sampling_params(
     body: SamplingFields, max_tokens: int, model_defaults: dict[str, Any]
 ) -> SamplingParams:
-    kwargs = {k: model_defaults[k] for k in _DEFAULTABLE if model_defaults.get(k) is not None}
+    kwargs = {
+        k: model_defaults[k] for k in MODEL_DEFAULTABLE if model_defaults.get(k) is not None
+    }
     kwargs.update(body.sampling_kwargs())
     try:
         return SamplingParams.from_optional(max_tokens=max_tokens, **kwargs)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from vllm.logger import init_logger
 
-from vllm_stateful.server.routes import handles_errors
+from vllm_stateful.server.http import handles_errors
 from vllm_stateful.server.state import server_state
 
 logger = init_logger(__name__)

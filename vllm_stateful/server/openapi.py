@@ -1,7 +1,7 @@
 """OpenAPI of the session routes.
 
-The handlers read and validate their bodies themselves (``routes.py``), so
-FastAPI cannot see what they accept; ``operation`` describes it for the
+The handlers read and validate their bodies themselves (``server/http.py``),
+so FastAPI cannot see what they accept; ``operation`` describes it for the
 server's ``/openapi.json``: the JSON body (the pydantic model's schema, with
 its definitions inlined so the fragment stands alone), the session token
 header and the query parameters.

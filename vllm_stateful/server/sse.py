@@ -10,6 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 
 DONE = "data: [DONE]\n\n"
+# Headers of every event stream: no caching, and no buffering by a proxy
+# (nginx's header) that would hold events back.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Session event types after which the stream ends: the session is gone, or
 # this reader fell too far behind and was dropped.
 FINAL_EVENTS = ("closed", "evicted", "dropped")

@@ -84,13 +84,29 @@ def test_client_hanging_up_during_create_rolls_it_back(server: Server, http: htt
         f"Authorization: Bearer {server.api_key}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    # Send the whole request and hang up at once: the server has all it
-    # needs to create, and ingesting 3,000 tokens takes ~94 paced engine
-    # steps, while the hang-up reaches the handler in one event-loop turn.
-    # A create that finished instead would leave an open session and no
-    # rollback, and the checks below would fail.
-    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
-        sock.sendall(head + body)
+    # Hang up while the server is creating it (one more open session, no
+    # answer yet). The tiny model ingests 3,000 tokens in a fraction of a
+    # second, so the create may win the race; then that session is closed
+    # and the test tries again. A rollback must be seen within five tries.
+    for _ in range(5):
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            wait_for(lambda: reconcile(http)["open_sessions"] == before["open_sessions"] + 1)
+            sock.setblocking(False)
+            try:
+                early = sock.recv(65536)
+            except BlockingIOError:
+                early = None
+            if early is None:
+                break  # hung up before the answer
+            sock.setblocking(True)
+            while not early.rstrip().endswith(b"}"):
+                early += sock.recv(65536)
+        created = json.loads(early.split(b"\r\n\r\n", 1)[1])
+        r = http.delete(f"/v1/sessions/{created['id']}", headers={"X-Session-Token": created["token"]})
+        assert r.status_code == 200, r.text
+        settled(http, before)
+    assert early is None, "every create finished before the client could hang up"
     wait_for(lambda: metric(server, "vllm_stateful_creates_rolled_back_total") == rolled_back + 1)
     # Hung up. The create is cancelled and rolled back: no session, no pin.
     settled(http, before)

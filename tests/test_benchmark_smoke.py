@@ -145,3 +145,60 @@ def test_speculation_smoke(tmp_path: Path) -> None:
     # when the previous question's full block shares its opening words).
     assert all(0 < a["computed_tokens"] <= a["question_tokens"] for a in res["asks"])
     assert "| sessions | questions | setting |" in (tmp_path / "speculation_smoke.md").read_text()
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    """``benchmarks/soak.py --smoke``: the tiny model, 4 sessions fed ticks
+    for 30 s with questions, flash queries and an event stream each,
+    rotated to fresh sessions as they fill. Samples come at the interval,
+    every verdict is computed, engine and API never disagree, and with the
+    sessions closed nothing is left: no session, pin, subscriber, backlog."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "soak.json").read_text())
+    meta = res["meta"]
+    assert meta["cpu"] and meta["vllm"] and meta["interval_s"] == 3.0 and meta["sessions"] == 4
+
+    samples = res["samples"]
+    assert [s["phase"] for s in samples[:2]] == ["baseline", "run"]
+    assert samples[-1]["phase"] == "end"
+    run = [s for s in samples if s["phase"] == "run"]
+    # One sample every 3 s over the 30 s feed, plus the sessions' setup and drain.
+    assert len(run) >= 10
+    gaps = sorted(b["t"] - a["t"] for a, b in zip(run, run[1:]))
+    assert 2.7 < gaps[len(gaps) // 2] < 3.3 and gaps[-1] < 10, gaps
+    for s in samples:
+        assert s["rss_mb"] > 0 and s["engine_rss_mb"] > 0
+        assert s["mismatches"] == 0 and s["reconcile_agree"] is True
+        for key in ("pinned_blocks", "free_blocks", "event_subscribers", "event_queue_max",
+                    "backlog_tokens", "sessions", "sessions_ending", "requests_waiting"):  # fmt: skip
+            assert s[key] is not None, key
+    # While streaming: one open event stream per session, read by the client.
+    assert max(s["event_subscribers"] for s in run) >= 4
+    assert max(s["pinned_blocks"] for s in run) > 0
+
+    verdicts = {v["name"]: v for v in res["verdicts"]}
+    assert set(verdicts) == {"rss_slope", "pinned_bounded", "queues_bounded", "reconcile",
+                             "released_at_end", "appends_kept"}  # fmt: skip
+    assert all(v["verdict"] in ("PASS", "FAIL") and v["measured"] for v in verdicts.values())
+    # RSS over 30 s is warm-up, not a trend: computed, not judged here.
+    assert res["figures"]["rss_mb_slope_per_min"] is not None
+    for name in ("pinned_bounded", "queues_bounded", "reconcile", "released_at_end", "appends_kept"):
+        assert verdicts[name]["verdict"] == "PASS", verdicts[name]
+    assert res["figures"]["reconcile_mismatches"] == 0
+    end = res["figures"]["end"]
+    assert end == {"sessions": 0, "sessions_ending": 0, "engine_pins": 0, "pinned_blocks": 0,
+                   "event_subscribers": 0, "backlog_tokens": 0, "engine_pinned_tokens": 0}  # fmt: skip
+    assert res["figures"]["free_blocks_end"] == res["figures"]["free_blocks_baseline"]
+
+    act = res["activity"]
+    assert act["rotations"] > 0 and act["sessions_opened"] == act["sessions_closed"]
+    assert act["summary"]["answered"] == act["summary"]["questions"] > 0
+    # One flash query per session, two on every other stream.
+    assert act["sessions_opened"] < act["flash_registered"] < 2 * act["sessions_opened"]
+    md = (tmp_path / "soak.md").read_text()
+    assert "| reconcile |" in md and "CPU: " in md
+    assert (tmp_path / "soak.png").stat().st_size > 0

@@ -48,6 +48,15 @@ INGEST_LAG = Histogram(
     "Time from an append to the ingestion of its version",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
+EVENT_SUBSCRIBERS = Gauge(
+    "vllm_stateful_event_subscribers",
+    "Event-stream subscriptions the sessions hold (open and ending sessions)",
+)
+EVENT_QUEUE_MAX = Gauge(
+    "vllm_stateful_event_queue_max",
+    "Events waiting in the fullest subscriber queue (a reader this far behind is dropped "
+    "at VLLM_STATEFUL_MAX_EVENT_QUEUE)",
+)
 APPENDS_REJECTED = Counter(
     "vllm_stateful_appends_rejected", "Appends refused because an ingest backlog bound was full"
 )
@@ -63,4 +72,15 @@ def bind(engine: StatefulEngine) -> None:
     FLASH_QUERIES.set_function(lambda: sum(len(s.flash) for s in engine.sessions.values()))
     BACKLOG_TOKENS.set_function(
         lambda: sum(s.backlog_tokens for s in list(engine.sessions.values()))
+    )
+    # Ending sessions included: their subscribers are told of the end and
+    # only then cleared.
+    EVENT_SUBSCRIBERS.set_function(
+        lambda: sum(len(s.subscribers) for s in engine.registry.budgeted())
+    )
+    EVENT_QUEUE_MAX.set_function(
+        lambda: max(
+            (q.qsize() for s in engine.registry.budgeted() for q in list(s.subscribers)),
+            default=0,
+        )
     )

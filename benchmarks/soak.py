@@ -153,6 +153,23 @@ def rotation_point(args, model_dir: str) -> int:
     return point
 
 
+def stagger(plan, source: LineIds, start_context: int, rotate_at: int) -> None:
+    """Spread the streams' first contexts evenly between ``start_context``
+    and ``rotate_at``, so that they rotate one after another instead of all
+    at once (which would make a burst of creates every few minutes): slot
+    ``s`` starts with the lines before its stretch of the day prepended."""
+    n = plan.sessions
+    stride = max(1, len(source) // n)  # where plan_level starts each slot
+    for s in range(n):
+        extra = (rotate_at - start_context) * s // n
+        earlier: list[tuple[int, ...]] = []
+        pos = s * stride - 1
+        while sum(map(len, earlier)) < extra:
+            earlier.append(source[pos])
+            pos -= 1
+        plan.prefix_lines[s] = earlier[::-1] + plan.prefix_lines[s]
+
+
 def progress_line(s: Sample, rotations: int) -> str:
     def n(x):
         return "-" if x is None else f"{x:.0f}"
@@ -211,6 +228,7 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
                           start_context=args.start_context, lines_per_append=args.lines_per_append,
                           question_rate=args.question_rate, qids=[q.id for q in qs],
                           seed=args.seed)  # fmt: skip
+        stagger(plan, src, args.start_context, rotate_at)
         print(f"[soak] capacity {cap['tps']:.0f} tokens/s; feeding {plan.offered_tps:.0f} tokens/s "
               f"({args.load:.0%}) into {args.sessions} sessions for {args.duration_s:.0f} s, "
               f"{len(plan.questions)} questions, rotation before {rotate_at} tokens", flush=True)  # fmt: skip
@@ -312,7 +330,8 @@ async def main_async(args) -> int:
                      "tick_data.csv)") + f", one line per trade, {args.lines_per_append} lines per append",
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "parameters": (f"{args.sessions} sessions, {args.duration_s:g} s, feed {args.load:.0%} of "
-                           f"capacity, contexts {args.start_context}-{rotate_at} tokens, questions "
+                           f"capacity, contexts {args.start_context}-{rotate_at} tokens (first contexts spread "
+                           "over that range), questions "
                            f"{args.question_rate:g}/s Poisson, flash queries: 1 per session, 2 on "
                            f"every other, {args.max_tokens} greedy tokens, "
                            f"{'eager' if args.eager else 'compiled'}, KV {args.kv_gib} GiB, budget "

@@ -2,7 +2,8 @@
 
 32 sessions of one ``vllm-stateful serve`` (SmolLM2, float32) are fed real
 E-mini S&P 500 trade ticks (PyPI ``mlfinpy``) on a steady open-loop
-schedule at a share of the ingestion capacity measured first (35%), with
+schedule at a share of the ingestion capacity measured first (30%, the
+rotated sessions' prefixes included), with
 questions at random (Poisson, 2/s over all sessions); every session has one
 or two flash queries and an open event stream that the run reads. A stream
 moves to a fresh session before its context passes its window (rotation:
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eager", action="store_true", help="no torch.compile (faster start)")
     a("--kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     a("--budget-fraction", type=float, default=0.9, help="share of the KV sessions may pin")
-    a("--load", type=float, default=0.35, help="feed as a share of the measured ingestion capacity")
+    a("--load", type=float, default=0.3, help="ingestion (the feed and the rotated sessions' "
+      "prefixes) as a share of the measured ingestion capacity")  # fmt: skip
     a("--capacity-tps", type=float, default=None, help="skip the measurement: capacity in tokens/s")
     a("--capacity-tokens", type=int, default=1024, help="tokens fed by the capacity measurement")
     a("--start-context", type=int, default=512, help="tokens a (rotated) session starts with")
@@ -223,14 +225,19 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
             cap = await capacity(target, src, header, context, args.capacity_tokens, 2,
                                  args.lines_per_append, BACKLOG_TOKENS_TOTAL // 8)  # fmt: skip
         results["capacity"] = cap
-        plan = plan_level(source=src, header=header, sessions=args.sessions, load=args.load,
+        # A rotation ingests a fresh session's start_context tokens again for
+        # every (rotate_at - start_context) tokens fed: the feed gets the
+        # share of the load that leaves room for them.
+        feed_load = args.load * (rotate_at - args.start_context) / rotate_at
+        plan = plan_level(source=src, header=header, sessions=args.sessions, load=feed_load,
                           capacity_tps=cap["tps"], duration_s=args.duration_s,
                           start_context=args.start_context, lines_per_append=args.lines_per_append,
                           question_rate=args.question_rate, qids=[q.id for q in qs],
                           seed=args.seed)  # fmt: skip
         stagger(plan, src, args.start_context, rotate_at)
         print(f"[soak] capacity {cap['tps']:.0f} tokens/s; feeding {plan.offered_tps:.0f} tokens/s "
-              f"({args.load:.0%}) into {args.sessions} sessions for {args.duration_s:.0f} s, "
+              f"({feed_load:.0%}; {args.load:.0%} with the rotations' prefixes) into "
+              f"{args.sessions} sessions for {args.duration_s:.0f} s, "
               f"{len(plan.questions)} questions, rotation before {rotate_at} tokens", flush=True)  # fmt: skip
         cfg = LevelConfig(start_context=args.start_context, rotate_at=rotate_at,
                           max_append_tokens=min(512, (rotate_at - args.start_context) // 2),
@@ -257,7 +264,8 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
         await settle(sampler, args.end_timeout_s, show)
         summary = live_report.summarize(rec, [], flash_q.id)
         results["activity"] = {
-            "capacity_tps": cap["tps"], "load": args.load, "offered_tps": plan.offered_tps,
+            "capacity_tps": cap["tps"], "load": args.load, "feed_load": feed_load,
+            "offered_tps": plan.offered_tps,
             "sessions_opened": target.opened - opened_before,
             "sessions_closed": target.closed_count - closed_before,
             "rotations": rec.rotations, "flash_registered": target.flash_registered,
@@ -329,7 +337,7 @@ async def main_async(args) -> int:
             "data": (csv or "E-mini S&P 500 futures trades 2013-09-01/03 (PyPI mlfinpy 0.1.2, "
                      "tick_data.csv)") + f", one line per trade, {args.lines_per_append} lines per append",
             "started": dt.datetime.now().isoformat(timespec="seconds"),
-            "parameters": (f"{args.sessions} sessions, {args.duration_s:g} s, feed {args.load:.0%} of "
+            "parameters": (f"{args.sessions} sessions, {args.duration_s:g} s, ingestion {args.load:.0%} of "
                            f"capacity, contexts {args.start_context}-{rotate_at} tokens (first contexts spread "
                            "over that range), questions "
                            f"{args.question_rate:g}/s Poisson, flash queries: 1 per session, 2 on "

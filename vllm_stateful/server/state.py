@@ -25,6 +25,18 @@ class ServerState:
     chat_template: str | None  # --chat-template, resolved; None: the tokenizer's
     model_defaults: dict[str, Any]  # sampling defaults from generation_config
     keepalive_s: float = DEFAULT_KEEPALIVE_S
+    # Set when this server is one replica of several (vllm_stateful.scale):
+    # reported in session stats, and new session ids name it so that a
+    # router can send each later request of the session back here.
+    replica: str | None = None
+
+    def new_session_id(self) -> str | None:
+        """An id for a session created without one; None: the engine's own."""
+        if self.replica is None:
+            return None
+        from vllm_stateful.scale.session_keys import mint
+
+        return mint(self.replica)
 
 
 def server_state(request: Request) -> ServerState:

@@ -55,7 +55,8 @@ def _tenant(st: ServerState, request: Request) -> str | None:
 
 
 def _stats(st: ServerState, session_id: str) -> SessionStats:
-    return SessionStats(**dataclasses.asdict(st.engine.get_session(session_id)))
+    stats = dataclasses.asdict(st.engine.get_session(session_id))
+    return SessionStats(**stats, replica=st.replica)
 
 
 @router.post("/v1/sessions", status_code=201, openapi_extra=operation(
@@ -72,7 +73,11 @@ async def create_session(request: Request) -> Response:
     session = await unless_disconnected(
         request,
         st.engine.create_session(
-            body.prefix, body.session_id, body.ttl_s, flash, tenant=_tenant(st, request)
+            body.prefix,
+            body.session_id or st.new_session_id(),
+            body.ttl_s,
+            flash,
+            tenant=_tenant(st, request),
         ),
     )
     out = CreateSessionResponse(

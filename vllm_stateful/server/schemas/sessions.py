@@ -48,6 +48,7 @@ class SessionStats(Open):
     ingest_lag_s: float = 0.0  # age of the oldest un-ingested append; 0.0 when caught up
     ingest_rate_tps: float | None = None  # prompt tokens/s ingested, smoothed; None: not yet measured
     tenant: str = "default"  # from the tenant header at create (config tenant_header)
+    replica: str | None = None  # the replica holding it when scaled out (vllm_stateful.scale)
 
 
 class SessionList(Open):

@@ -175,3 +175,42 @@ def test_unknown_and_dead_replica_ids_are_404(http: httpx.Client):
         r = http.get(f"/v1/sessions/{sid}", headers={"X-Session-Token": "x"})
         assert r.status_code == 404, r.text
         assert r.json()["error"]["type"]
+
+
+# ---------------------------------------------------------------- no cluster
+
+
+def test_request_keys():
+    from vllm_stateful.scale.session_keys import key_of, mint, replica_of
+
+    assert key_of("POST", "/v1/sessions").creates
+    assert key_of("GET", "/v1/sessions").creates is False
+    assert key_of("GET", "/v1/sessions/abc/events").session_id == "abc"
+    assert key_of("DELETE", "/v1/sessions/abc/").session_id == "abc"
+    assert key_of("POST", "/v1/completions").session_id is None
+    # Ray's session header wins, even on a create (a client-chosen id).
+    assert key_of("POST", "/v1/sessions", "mine").session_id == "mine"
+    sid = mint("r1x2")
+    assert replica_of(sid) == "r1x2" and len(sid) == len("r1x2.") + 32
+    assert replica_of("plain") is None and replica_of(".x") is None and replica_of("x.") is None
+
+
+def test_command_line_split():
+    from vllm_stateful.scale.config import ScaleUsageError, from_cli
+
+    c = from_cli(["m", "--replicas=3", "--dtype", "float32", "--port", "9000",
+                  "--plugin", "stateful", "--replica-cpus", "2"])  # fmt: skip
+    assert (c.model, c.replicas, c.replica_cpus, c.host, c.port) == ("m", 3, 2.0, "127.0.0.1", 9000)
+    assert c.vllm_args == ["--dtype", "float32"]
+    assert from_cli(["--model", "m", "--replicas", "2"]).replica_argv == ["m"]
+    for bad in (["--replicas", "2"], ["m", "--replicas", "0"], ["m", "--replicas"]):
+        with pytest.raises(ScaleUsageError):
+            from_cli(bad)
+
+
+def test_core_binding_gives_each_replica_its_own_cores():
+    from vllm_stateful.scale.replica import core_binding
+
+    assert core_binding(0, 1, [0, 1]) == "0" and core_binding(1, 1, [0, 1]) == "1"
+    assert core_binding(0, 2, [0, 1]) == "0,1"
+    assert core_binding(2, 1, [0, 1]) is None  # more replicas than cores: vLLM's auto

@@ -47,6 +47,10 @@ def start_ray(config: ScaleConfig, address: str | None = None) -> Cluster:
         ray.init(address=address, log_to_driver=False)
         return Cluster(address)
     _single_machine()
+    # Ray runs its workers at niceness 15 by default, behind every other
+    # process on the machine; a replica is the server itself, not
+    # background work (an operator's own setting wins).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Room for every replica even past the core count (they then share
     # cores; see replica.core_binding).
     cpus = max(os.cpu_count() or 1, math.ceil(config.replicas * config.replica_cpus))

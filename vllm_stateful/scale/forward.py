@@ -59,6 +59,10 @@ class ForwardedRequest:
         }
 
 
+# How long an app may run on after its response is complete.
+_AFTER_RESPONSE_S = 5.0
+
+
 def _done(message: Message) -> bool:
     return message["type"] == "http.response.body" and not message.get("more_body", False)
 
@@ -92,6 +96,7 @@ async def replay(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Messa
             await out.put(exc)
 
     task = asyncio.create_task(run())
+    complete = False
     try:
         while True:
             message = await out.get()
@@ -99,9 +104,14 @@ async def replay(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Messa
                 raise message
             yield message
             if _done(message):
+                complete = True
                 return
     finally:
         finished.set()
+        if complete:
+            # The response is out; let the app finish what follows it
+            # (background tasks), within reason.
+            await asyncio.wait({task}, timeout=_AFTER_RESPONSE_S)
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):

@@ -8,9 +8,9 @@ Three servers, one after another, all on 127.0.0.1:
   every core);
 * ``ray x2``: ``--replicas 2`` (each replica's engine binds its own core).
 
-Single request: one session, ``--reps`` questions one at a time (``p50``),
-on ``direct`` and ``ray x1``: the difference is the Ray proxy's (and the
-router's) share of one request.
+Single request: one session on ``direct`` and one on ``ray x1``, both
+servers up, ``--reps`` questions one at a time taking turns (``p50``): the
+difference is the Ray proxy's (and the router's) share of one request.
 
 Load: ``--sessions`` sessions are created through the one URL, each fed a
 stream of market-tick lines (an append before every question, not waited
@@ -64,14 +64,17 @@ class LoadResult:
     ttft_p50_ms: float
     errors: int
     sessions_per_replica: dict[str, int] = field(default_factory=dict)
+    load_avg: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before, after
 
 
 @dataclass
 class SingleResult:
     name: str
     reps: int
-    p50_ms: float
+    p50_ms: float  # streamed
     min_ms: float
+    whole_p50_ms: float  # the same question, answered in one body
+    load_avg: tuple[float, float]  # 1-minute load average before, after
 
 
 def free_port() -> int:
@@ -98,6 +101,17 @@ def resolve_model(name: str) -> str:
 # ------------------------------------------------------------------ clients
 
 
+async def whole_question(client: httpx.AsyncClient, sid: str, token: str, max_tokens: int):
+    """One session question answered in one JSON body: total s."""
+    body = {"prompt": QUESTION, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "consistency": "latest"}  # fmt: skip
+    t0 = time.perf_counter()
+    r = await client.post(f"/v1/sessions/{sid}/completions", json=body,
+                          headers={"X-Session-Token": token})  # fmt: skip
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
 async def question(client: httpx.AsyncClient, sid: str, token: str, max_tokens: int):
     """One streamed session question: (total s, first-token s)."""
     body = {"prompt": QUESTION, "max_tokens": max_tokens, "temperature": 0,
@@ -121,16 +135,33 @@ async def create(client: httpx.AsyncClient, rng: random.Random) -> tuple[str, st
     return r.json()["id"], r.json()["token"]
 
 
-async def single(base: str, name: str, reps: int, max_tokens: int) -> SingleResult:
-    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
-        sid, token = await create(client, random.Random(0))
-        times = []
+async def singles(bases: dict[str, str], reps: int, max_tokens: int) -> list[SingleResult]:
+    """One session per server; the servers take turns, one question at a
+    time (which goes first alternates), so that other work on the machine
+    weighs on both alike."""
+    load_before = os.getloadavg()[0]
+    clients = {n: httpx.AsyncClient(base_url=b, timeout=300) for n, b in bases.items()}
+    try:
+        opened = {n: await create(c, random.Random(0)) for n, c in clients.items()}
+        times: dict[str, list[float]] = {n: [] for n in bases}
+        whole: dict[str, list[float]] = {n: [] for n in bases}
+        names = list(bases)
         for i in range(reps + 2):
-            total, _ = await question(client, sid, token, max_tokens)
-            if i >= 2:  # two warm-up questions
-                times.append(total * 1000)
-        await client.delete(f"/v1/sessions/{sid}", headers={"X-Session-Token": token})
-    return SingleResult(name, reps, statistics.median(times), min(times))
+            for n in names if i % 2 == 0 else names[::-1]:
+                sid, token = opened[n]
+                total, _ = await question(clients[n], sid, token, max_tokens)
+                one = await whole_question(clients[n], sid, token, max_tokens)
+                if i >= 2:  # two warm-up rounds
+                    times[n].append(total * 1000)
+                    whole[n].append(one * 1000)
+        for n, (sid, token) in opened.items():
+            await clients[n].delete(f"/v1/sessions/{sid}", headers={"X-Session-Token": token})
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    load = (load_before, os.getloadavg()[0])
+    return [SingleResult(n, reps, statistics.median(times[n]), min(times[n]),
+                         statistics.median(whole[n]), load) for n in bases]  # fmt: skip
 
 
 async def load(base: str, name: str, replicas: int, sessions: int, duration_s: float,
@@ -144,6 +175,7 @@ async def load(base: str, name: str, replicas: int, sessions: int, duration_s: f
             r = await client.get(f"/v1/sessions/{sid}", headers={"X-Session-Token": token})
             replica = r.json().get("replica") or "direct"
             where[replica] = where.get(replica, 0) + 1
+        load_before = os.getloadavg()[0]
         latencies: list[float] = []
         ttfts: list[float] = []
         errors = 0
@@ -176,6 +208,7 @@ async def load(base: str, name: str, replicas: int, sessions: int, duration_s: f
         questions=len(latencies), questions_per_s=len(latencies) / elapsed,
         p50_ms=statistics.median(latencies), p90_ms=q[8],
         ttft_p50_ms=statistics.median(ttfts), errors=errors, sessions_per_replica=where,
+        load_avg=(load_before, os.getloadavg()[0]),
     )  # fmt: skip
 
 
@@ -210,7 +243,13 @@ def stop_direct(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_ray(model: str, flags: list[str], replicas: int, args) -> tuple[LoadResult, SingleResult | None]:
+def run_ray(
+    model: str, flags: list[str], replicas: int, args,
+    direct: tuple[subprocess.Popen, str] | None = None,
+) -> tuple[LoadResult, list[SingleResult]]:  # fmt: skip
+    """Serve ``replicas`` replicas; with ``direct`` (the direct server and
+    its URL, running), first the single-request comparison against it, then
+    the direct server is stopped and the load runs alone."""
     from vllm_stateful.scale import cluster
     from vllm_stateful.scale.config import from_cli
 
@@ -222,9 +261,11 @@ def run_ray(model: str, flags: list[str], replicas: int, args) -> tuple[LoadResu
         t0 = time.perf_counter()
         base = cluster.deploy(config)
         print(f"  ray x{replicas}: up in {time.perf_counter() - t0:.0f} s", flush=True)
-        one = None
-        if replicas == 1:
-            one = asyncio.run(single(base, "ray x1", args.reps, args.max_tokens))
+        one: list[SingleResult] = []
+        if direct is not None:
+            bases = {"direct": direct[1], f"ray x{replicas}": base}
+            one = asyncio.run(singles(bases, args.reps, args.max_tokens))
+            stop_direct(direct[0])
         result = asyncio.run(load(base, f"ray x{replicas}", replicas, args.sessions,
                                   args.duration_s, args.max_tokens))  # fmt: skip
         return result, one
@@ -242,24 +283,36 @@ def markdown(meta: dict, singles: list[SingleResult], loads: list[LoadResult]) -
         f"Model: {meta['model']} ({meta['dtype']}). vLLM {meta['vllm']}, Ray {meta['ray']}.",
         f"Questions: streamed, {meta['max_tokens']} greedy tokens, after an append of one "
         f"tick line (not waited for); {meta['sessions']} sessions, one client each, back to "
-        f"back for {meta['duration_s']} s.", "",
-        "## One request (a session question, one at a time)", "",
-        "| server | p50 (ms) | min (ms) |", "|---|---|---|",
+        f"back for {meta['duration_s']} s. Load avg: the machine's 1-minute load average "
+        f"before / after a phase (other work on the machine shows there).", "",
+        "## One request (a session question, one at a time, the two servers taking turns)", "",
+        "| server | streamed p50 (ms) | streamed min (ms) | one body p50 (ms) | load avg |",
+        "|---|---|---|---|---|",
     ]  # fmt: skip
-    out += [f"| {s.name} | {s.p50_ms:.1f} | {s.min_ms:.1f} |" for s in singles]
+    out += [f"| {s.name} | {s.p50_ms:.1f} | {s.min_ms:.1f} | {s.whole_p50_ms:.1f} | "
+            f"{s.load_avg[0]:.1f} / {s.load_avg[1]:.1f} |" for s in singles]  # fmt: skip
     if len(singles) == 2:
-        d = singles[1].p50_ms - singles[0].p50_ms
-        out += ["", f"Ray proxy overhead at p50: {d:+.1f} ms ({d / singles[0].p50_ms:+.1%})."]
+        a, b = singles
+        d, w = b.p50_ms - a.p50_ms, b.whole_p50_ms - a.whole_p50_ms
+        out += ["", f"Ray proxy overhead at p50: streamed {d:+.1f} ms ({d / a.p50_ms:+.1%}), "
+                    f"one body {w:+.1f} ms ({w / a.whole_p50_ms:+.1%})."]  # fmt: skip
     out += [
         "", f"## {meta['sessions']} streaming sessions", "",
         "| server | replicas | questions/s | p50 (ms) | p90 (ms) | TTFT p50 (ms) | errors "
-        "| sessions per replica |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sessions per replica | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in loads:
         spread = ", ".join(f"{v}" for v in r.sessions_per_replica.values())
         out.append(f"| {r.name} | {r.replicas} | {r.questions_per_s:.2f} | {r.p50_ms:.0f} | "
-                   f"{r.p90_ms:.0f} | {r.ttft_p50_ms:.0f} | {r.errors} | {spread} |")  # fmt: skip
+                   f"{r.p90_ms:.0f} | {r.ttft_p50_ms:.0f} | {r.errors} | {spread} | "
+                   f"{r.load_avg[0]:.1f} / {r.load_avg[1]:.1f} |")  # fmt: skip
+    cores = os.cpu_count() or 1
+    busiest = max([max(x.load_avg) for x in [*singles, *loads]], default=0.0)
+    if busiest > cores:
+        out += ["", f"Note: the machine's load average reached {busiest:.1f} on {cores} cores "
+                    "during this run (other work on it): these figures measure that contention "
+                    "as much as the servers; compare them only within the run."]  # fmt: skip
     by = {r.name: r for r in loads}
     if "ray x1" in by and "ray x2" in by:
         a, b = by["ray x1"], by["ray x2"]
@@ -276,9 +329,21 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--kv-gib", default="2")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite scale_out.md from scale_out.json, run nothing")
     args = p.parse_args()
+    if args.report_only:
+        data = json.loads((RESULTS / "scale_out.json").read_text())
+        md = markdown(data["meta"], [SingleResult(**s) for s in data["single"]],
+                      [LoadResult(**r) for r in data["load"]])  # fmt: skip
+        (RESULTS / "scale_out.md").write_text(md)
+        print(md)
+        return 0
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_gib)
+    # Replicas run without a session store (docs/scaling.md); so does the
+    # direct server here, so that both do the same work.
+    os.environ.setdefault("VLLM_STATEFUL_STORE", "off")
     model = resolve_model(args.model)
     from vllm_stateful.cpu_dtype import default_dtype
 
@@ -294,30 +359,28 @@ def main() -> int:
     }  # fmt: skip
     print(f"machine: {meta['machine']}", flush=True)
 
-    singles: list[SingleResult] = []
+    single: list[SingleResult] = []
     loads: list[LoadResult] = []
     port = free_port()
     proc = start_direct(model, flags, port)
     try:
-        base = f"http://{LOOPBACK}:{port}"
-        singles.append(asyncio.run(single(base, "direct", args.reps, args.max_tokens)))
-        print(f"  direct: one question p50 {singles[-1].p50_ms:.1f} ms", flush=True)
+        for replicas in (1, 2):
+            direct = (proc, f"http://{LOOPBACK}:{port}") if replicas == 1 else None
+            result, one = run_ray(model, flags, replicas, args, direct)
+            for r in one:
+                print(f"  {r.name}: one question p50 {r.p50_ms:.1f} ms", flush=True)
+            single += one
+            loads.append(result)
+            print(f"  {result.name}: {result.questions_per_s:.2f} questions/s, "
+                  f"p50 {result.p50_ms:.0f} ms, spread {result.sessions_per_replica}", flush=True)
     finally:
         stop_direct(proc)
-    for replicas in (1, 2):
-        result, one = run_ray(model, flags, replicas, args)
-        if one is not None:
-            singles.append(one)
-            print(f"  ray x1: one question p50 {one.p50_ms:.1f} ms", flush=True)
-        loads.append(result)
-        print(f"  {result.name}: {result.questions_per_s:.2f} questions/s, "
-              f"p50 {result.p50_ms:.0f} ms, spread {result.sessions_per_replica}", flush=True)
 
     RESULTS.mkdir(exist_ok=True)
-    data = {"meta": meta, "single": [asdict(s) for s in singles],
+    data = {"meta": meta, "single": [asdict(s) for s in single],
             "load": [asdict(r) for r in loads]}  # fmt: skip
     (RESULTS / "scale_out.json").write_text(json.dumps(data, indent=2) + "\n")
-    md = markdown(meta, singles, loads)
+    md = markdown(meta, single, loads)
     (RESULTS / "scale_out.md").write_text(md)
     print(md)
     return 0

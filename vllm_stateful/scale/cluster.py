@@ -2,7 +2,7 @@
 
 With ``RAY_ADDRESS`` set, the command joins that cluster. Without it, it
 starts a local one bound to the loopback address: Ray binds its services
-(GCS, raylet, object manager, agents) to the machine's private-network
+(GCS, raylet, object manager, per-node helpers) to the machine's private-network
 address by default, which would expose them on the network; here every
 service listens on 127.0.0.1 (see ``_single_machine``), and so does
 Serve's HTTP proxy unless ``--host`` says otherwise. The dashboard is off, and so are Ray's usage reports.

@@ -185,15 +185,17 @@ def progress_line(s: Sample, rotations: int) -> str:
             f"answered {s.answered}")  # fmt: skip
 
 
-async def settle(sampler: Sampler, timeout_s: float, on_sample) -> None:
-    """Samples after every session is closed, until nothing is held or
-    ``timeout_s`` passes; the last is the one judged."""
+async def settle(sampler: Sampler, free_before: int | None, timeout_s: float, on_sample) -> None:
+    """Samples after every session is closed, until nothing is held and
+    every block is free again (requests of closed sessions still in the
+    engine hold blocks until they end), or ``timeout_s`` passes; the last
+    is the one judged."""
     deadline = time.monotonic() + timeout_s
     while True:
         s = await sampler.take("end")
         on_sample(s)
         held = (s.sessions, s.sessions_ending, s.engine_pins, s.pinned_blocks, s.event_subscribers)
-        if all(v == 0 for v in held) or time.monotonic() > deadline:
+        if (all(v == 0 for v in held) and s.free_blocks == free_before) or time.monotonic() > deadline:
             return
         await asyncio.sleep(2.0)
 
@@ -253,7 +255,8 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
             print(progress_line(s, max(0, target.opened - opened_before - args.sessions)), flush=True)
 
         await asyncio.sleep(2.0)  # the capacity sessions' release settles
-        show(await sampler.take("baseline"))
+        baseline = await sampler.take("baseline")
+        show(baseline)
         closed_before = target.closed_count
         sampling_task = asyncio.create_task(sampler.every(args.interval_s, "run", show))
         try:
@@ -261,7 +264,7 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
         finally:
             sampling_task.cancel()
             await asyncio.gather(sampling_task, return_exceptions=True)
-        await settle(sampler, args.end_timeout_s, show)
+        await settle(sampler, baseline.free_blocks, args.end_timeout_s, show)
         summary = live_report.summarize(rec, [], flash_q.id)
         results["activity"] = {
             "capacity_tps": cap["tps"], "load": args.load, "feed_load": feed_load,

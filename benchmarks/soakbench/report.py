@@ -77,7 +77,8 @@ def markdown(res: dict[str, Any]) -> str:
         "### Activity",
         "",
         f"- Feed: {act['offered_tps']:.0f} tokens/s offered over {m['sessions']} streams "
-        f"({act['feed_load']:.0%} of the {act['capacity_tps']:.0f} tokens/s measured capacity; "
+        f"({act['feed_load']:.0%} of the {act['capacity_tps']:.0f} tokens/s ingestion capacity, "
+        f"{(res.get('capacity') or {}).get('method', 'measured')}; "
         f"{act['load']:.0%} with the prefixes of rotated sessions), "
         f"{_n(s.get('appends_acknowledged'))} appends, {_n(s.get('tokens_acknowledged'))} tokens "
         f"acknowledged, {_n(s.get('http_429'))} 429s, {_n(s.get('unsent_tokens'))} tokens unsent.",

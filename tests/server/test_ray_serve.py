@@ -9,6 +9,7 @@ completions of the same token ids; closing frees its pins on its replica.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from collections import Counter
@@ -46,9 +47,32 @@ def scaled(tiny_model_path: str) -> Iterator[str]:
     try:
         # Every Ray service on the loopback address only.
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        yield cluster.deploy(config)
+        url = cluster.deploy(config)
+        assert _network_listeners() == [], "Ray or a replica listens beyond 127.0.0.1"
+        yield url
     finally:
         cluster.shutdown(running, config)
+
+
+def _network_listeners() -> list[str]:
+    """Listening TCP sockets on any address but the loopback one, of this
+    process and everything it started (the local Ray cluster, its replicas
+    and their vLLM engines)."""
+    import psutil  # a vLLM dependency
+
+    me = psutil.Process()
+    ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
+    return [
+        f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})"
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in ours and not _loopback(c.laddr.ip)
+    ]  # fmt: skip
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or addr).is_loopback
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ HTTP endpoint, every request of a session sent to the replica that holds it.
   that name their replica;
 * ``affinity.py`` and ``forward.py``: requests whose session id is only in
   the body, handed to the owner through Ray Serve;
-* ``cluster.py``: a local Ray cluster on the loopback address, and the
-  ``vllm-stateful serve --replicas`` command.
+* ``cluster.py``: the Ray cluster (a local one on the loopback address,
+  ``loopback.py``), and the ``vllm-stateful serve --replicas`` command.
 
 Ray is imported only when this package's modules are (it is an optional
 dependency); ``session_keys`` needs nothing but the standard library.

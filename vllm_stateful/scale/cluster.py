@@ -4,7 +4,7 @@ With ``RAY_ADDRESS`` set, the command joins that cluster. Without it, it
 starts a local one bound to the loopback address: Ray binds its services
 (GCS, raylet, object manager, per-node helpers) to the machine's private-network
 address by default, which would expose them on the network; here every
-service listens on 127.0.0.1 (see ``_single_machine``), and so does
+service listens on 127.0.0.1 (see ``loopback.py``), and so does
 Serve's HTTP proxy unless ``--host`` says otherwise. The dashboard is off, and so are Ray's usage reports.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 
 from vllm_stateful.scale.config import LOOPBACK, ScaleConfig, ScaleUsageError, from_cli
+from vllm_stateful.scale.loopback import single_machine
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -46,7 +47,7 @@ def start_ray(config: ScaleConfig, address: str | None = None) -> Cluster:
     if address:
         ray.init(address=address, log_to_driver=False)
         return Cluster(address)
-    _single_machine()
+    single_machine()
     # Ray runs its workers at niceness 15 by default, behind every other
     # process on the machine; a replica is the server itself, not
     # background work (an operator's own setting wins).
@@ -61,22 +62,6 @@ def start_ray(config: ScaleConfig, address: str | None = None) -> Cluster:
         log_to_driver=False,
     )
     return Cluster(None)
-
-
-def _single_machine() -> None:
-    """Make Ray keep a local cluster on the loopback address.
-
-    Ray 2.60 turns a node address of 127.0.0.1 into the machine's
-    reachable address (``services.resolve_ip_for_localhost``) unless
-    multi-node clusters are disabled, which its flag
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does on any platform; with the
-    node address 127.0.0.1 every Ray server binds to it alone. The
-    environment reaches the processes ``ray.init`` starts; the attribute,
-    this process (``ray_constants`` reads the variable once, at import)."""
-    from ray._private import ray_constants
-
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def deploy(config: ScaleConfig, blocking: bool = False) -> str:

@@ -26,6 +26,7 @@ from vllm.logger import init_logger
 
 from vllm_stateful.scale.affinity import SessionAffinity
 from vllm_stateful.scale.forward import ForwardedRequest, replay
+from vllm_stateful.scale.loopback import replica_grpc_on_loopback
 from vllm_stateful.scale.router import BLOCK_SIZE, FREE_TOKENS, SEQ, SESSIONS
 
 logger = init_logger(f"vllm.{__name__}")
@@ -51,6 +52,8 @@ class SessionReplica:
     async def __init__(self, replica_argv: list[str], replica_cpus: float) -> None:
         from vllm_stateful.serve_args import enable_plugin, prepare_args, serve_parser
 
+        # Before Serve starts this replica's gRPC server (after __init__).
+        replica_grpc_on_loopback()
         ctx = serve.get_replica_context()
         self.tag = ctx.replica_id.unique_id
         self._deployment, self._app_name = ctx.deployment, ctx.app_name

@@ -202,3 +202,27 @@ def test_soak_smoke(tmp_path: Path) -> None:
     md = (tmp_path / "soak.md").read_text()
     assert "| reconcile |" in md and "CPU: " in md
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_durability_smoke(tmp_path: Path) -> None:
+    """``benchmarks/durability.py --smoke``: the tiny model through every
+    measurement; the script itself asserts that a brought-back session
+    computed one token and a restart from disk computed almost nothing."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "durability.py"), "--smoke",
+         "--out", str(tmp_path / "durability")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    res = json.loads((tmp_path / "durability.json").read_text())
+    settings = {(r["mode"], r["sessions"], r["engine"]) for r in res["appends"]}
+    assert settings == {
+        (m, n, e) for m in ("off", "group", "each") for n in (1, 16) for e in ("quiet", "ingesting")
+    }
+    for r in res["appends"]:
+        assert r["n"] == 4 * r["sessions"] and 0 < r["p50_ms"] <= r["p99_ms"]
+    [off] = res["offload"]
+    assert len(off["bring_back_s"]) == len(off["recompute_s"]) == 1
+    [restart] = res["restart"]
+    assert len(restart["recompute_s"]) == len(restart["disk_s"]) == 1
+    assert "Append acknowledgement" in (tmp_path / "durability.md").read_text()

@@ -13,7 +13,9 @@ from vllm_stateful.errors import (
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
+    SessionRestoringError,
     StatefulError,
+    StoreWriteError,
     TenantLimitError,
 )
 
@@ -30,9 +32,11 @@ __all__ = [
     "SessionClosedError",
     "SessionExistsError",
     "SessionNotFoundError",
+    "SessionRestoringError",
     "StatefulConfig",
     "StatefulEngine",
     "StatefulError",
+    "StoreWriteError",
     "TenantLimitError",
     "stateful_engine_args",
 ]

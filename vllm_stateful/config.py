@@ -46,6 +46,21 @@ class StatefulConfig:
     tenant_header: str = "X-Tenant"
     tenant_max_sessions: int | None = None
     tenant_max_tokens: int | None = None
+    # The durable session log (``store/``): a file path, "off", or None for
+    # the default (the server keeps one file per model and port under the
+    # user's state directory; the Python API keeps none). ``store_sync``:
+    # "group" (durable before acknowledged, concurrent appends share one
+    # fsync), "each" (one fsync per append) or "os" (written to the OS
+    # without fsync: survives a crash of the server, not of the machine).
+    store: str | None = None
+    store_sync: str = "group"
+    # Offload (engine/residency.py): idle sessions, and the least recently
+    # used ones when the budget is full, move their KV out of the pool
+    # (host memory, then disk: VLLM_STATEFUL_OFFLOAD_DIR) and come back on
+    # use. ``offload_idle_s``: idle time before a session moves out (None:
+    # only under pressure).
+    offload: bool = True
+    offload_idle_s: float | None = 300.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction < 1.0:
@@ -60,6 +75,10 @@ class StatefulConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.tenant_header.strip():
             raise ValueError("tenant_header must not be empty")
+        from vllm_stateful.store import SYNC_MODES
+
+        if self.store_sync not in SYNC_MODES:
+            raise ValueError(f"store_sync must be one of {SYNC_MODES}, got {self.store_sync!r}")
 
     @classmethod
     def from_env(cls) -> StatefulConfig:
@@ -68,8 +87,18 @@ class StatefulConfig:
         ``VLLM_STATEFUL_MAX_EVENT_QUEUE``,
         ``VLLM_STATEFUL_INGEST_CHUNK_TOKENS``, ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS``,
         ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL``, ``VLLM_STATEFUL_TENANT_HEADER``,
-        ``VLLM_STATEFUL_TENANT_MAX_SESSIONS``, ``VLLM_STATEFUL_TENANT_MAX_TOKENS``."""
+        ``VLLM_STATEFUL_TENANT_MAX_SESSIONS``, ``VLLM_STATEFUL_TENANT_MAX_TOKENS``,
+        ``VLLM_STATEFUL_STORE``, ``VLLM_STATEFUL_STORE_SYNC``, ``VLLM_STATEFUL_OFFLOAD``,
+        ``VLLM_STATEFUL_OFFLOAD_IDLE_S``."""
         cfg = cls()
+        if store := os.environ.get("VLLM_STATEFUL_STORE", "").strip():
+            cfg.store = store
+        if sync := os.environ.get("VLLM_STATEFUL_STORE_SYNC", "").strip().lower():
+            cfg.store_sync = sync
+        if (raw := os.environ.get("VLLM_STATEFUL_OFFLOAD", "").strip().lower()) in ("0", "off", "false"):
+            cfg.offload = False
+        if (raw := os.environ.get("VLLM_STATEFUL_OFFLOAD_IDLE_S", "").strip().lower()):
+            cfg.offload_idle_s = None if raw in ("off", "none") else float(raw)
         if header := os.environ.get("VLLM_STATEFUL_TENANT_HEADER", "").strip():
             cfg.tenant_header = header
         if (v := _env_float("VLLM_STATEFUL_TENANT_MAX_SESSIONS")) is not None:

@@ -67,7 +67,16 @@ class AccessDeniedError(StatefulError):
     code = "forbidden"
 
 
-class BacklogFullError(StatefulError):
+class RetryLaterError(StatefulError):
+    """An error the same request may succeed after: retry after
+    ``retry_after_s`` seconds (HTTP: the ``Retry-After`` header)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BacklogFullError(RetryLaterError):
     """The session's (or the server's) appended-but-not-ingested tokens
     would pass their bound. Nothing was appended; retry after
     ``retry_after_s`` seconds (estimated from the measured ingest rate)."""
@@ -75,22 +84,14 @@ class BacklogFullError(StatefulError):
     http_status = 429
     code = "ingest_backlog_full"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
-
-class IngestionFailedError(StatefulError):
+class IngestionFailedError(RetryLaterError):
     """The engine request that ingests the session failed. The session and
     everything appended are kept; the next append (or
     ``StatefulEngine.retry_ingest``) retries."""
 
     http_status = 503
     code = "ingestion_failed"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class CommitConflictError(StatefulError):
@@ -108,3 +109,22 @@ class EngineDeadError(StatefulError):
 
     http_status = 503
     code = "engine_dead"
+
+
+class SessionRestoringError(RetryLaterError):
+    """The session is being restored after a restart (its KV is rebuilt in
+    the background) and the question asked not to wait
+    (``consistency="available"``). Retry after ``retry_after_s`` seconds, or
+    ask with ``consistency="ingested"`` to wait."""
+
+    http_status = 503
+    code = "session_restoring"
+
+
+class StoreWriteError(StatefulError):
+    """The durable session log could not record an append. The append is in
+    the session (it is being ingested and answers see it) but it would not
+    survive a restart; the store's error is in the server log."""
+
+    http_status = 503
+    code = "store_write_failed"

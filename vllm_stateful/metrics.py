@@ -62,6 +62,15 @@ APPENDS_REJECTED = Counter(
 )
 
 
+OFFLOADS = Counter("vllm_stateful_offloads", "Sessions whose KV was moved out of the KV pool")
+OFFLOAD_RESTORES = Counter(
+    "vllm_stateful_offload_restores", "Offloaded sessions brought back into the KV pool for a question"
+)
+OFFLOADED_SESSIONS = Gauge(
+    "vllm_stateful_offloaded_sessions", "Open sessions whose KV is out of the pool (host memory or disk)"
+)
+
+
 def bind(engine: StatefulEngine) -> None:
     """Read the gauges from ``engine`` at scrape time."""
     SESSIONS.set_function(lambda: len(engine.sessions))
@@ -83,4 +92,7 @@ def bind(engine: StatefulEngine) -> None:
             (q.qsize() for s in engine.registry.budgeted() for q in list(s.subscribers)),
             default=0,
         )
+    )
+    OFFLOADED_SESSIONS.set_function(
+        lambda: sum(1 for s in list(engine.sessions.values()) if s.offloaded)
     )

@@ -31,6 +31,9 @@ class Op(str, enum.Enum):
     CLOSE = "close"
     # Report block-pool figures only (a one-token request carries it).
     PROBE = "probe"
+    # Copy the session's pinned KV out of the pool (host memory, then disk)
+    # and release the pin; its next request loads it back.
+    OFFLOAD = "offload"
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,11 @@ def server_env(**extra: str) -> dict[str, str]:
     # No VLLM_PLUGINS from the caller's shell: the flag alone must enable
     # the plugin (and its absence leave vLLM stock).
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
+    # Each server its own session store in a fresh directory: nothing is
+    # written to the user's state directory, nothing restored from a
+    # previous run.
+    store = os.path.join(tempfile.mkdtemp(prefix="vllm-stateful-store-"), "sessions.sqlite3")
+    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_STATEFUL_STORE": store, **extra}
 
 
 def tiny_serve_args(model: str, port: int) -> list[str]:
@@ -92,7 +96,10 @@ def server(tiny_model_path: str) -> Iterator[Server]:
     port, api_key = _free_port(), "sk-" + secrets.token_hex(8)
     cmd = vllm_command() + tiny_serve_args(tiny_model_path, port)
     cmd += ["--plugin", "stateful", "--api-key", api_key]
-    env = server_env(VLLM_STATEFUL_BUDGET_TOKENS=str(BUDGET_TOKENS))
+    # Offload off: tests here assert the budget's admission exactly (a
+    # create past it is refused, not made room for by moving idle sessions
+    # out); offload has its own tests (tests/test_offload.py).
+    env = server_env(VLLM_STATEFUL_BUDGET_TOKENS=str(BUDGET_TOKENS), VLLM_STATEFUL_OFFLOAD="off")
     with running(cmd, env, port) as (base, _log):
         yield Server(base_url=base, api_key=api_key, model=tiny_model_path)
 

@@ -27,19 +27,26 @@ from vllm_stateful.engine.backlog import check_backlog
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
+from vllm_stateful.engine.journal import Journal
 from vllm_stateful.engine.query import Querier
 from vllm_stateful.engine.reconcile import Reconciliation, reconcile
+from vllm_stateful.engine import recovery
+from vllm_stateful.engine.recovery import RestorePlan
 from vllm_stateful.engine.registry import SessionRegistry
+from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
 from vllm_stateful.errors import (
+    BudgetExceededError,
     CommitConflictError,
     IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
+    StoreWriteError,
 )
 from vllm_stateful.protocol import Op
+from vllm_stateful.store import SessionStore
 
 Data = str | Sequence[int]
 
@@ -68,9 +75,15 @@ class StatefulEngine:
 
     Build it with :meth:`from_engine_args`, or wrap an existing ``AsyncLLM``
     whose ``kv_transfer_config`` loads ``vllm_stateful.kv.connector``.
+
+    ``store`` (default: the file ``config.store`` names, if any) is the
+    durable session log: sessions are recorded in it, and :meth:`restore`
+    brings them back after a restart.
     """
 
-    def __init__(self, engine: Any, config: StatefulConfig | None = None):
+    def __init__(
+        self, engine: Any, config: StatefulConfig | None = None, store: SessionStore | None = None
+    ):
         self.engine = engine
         self.config = config or StatefulConfig.from_env()
         vcfg = engine.vllm_config
@@ -93,7 +106,17 @@ class StatefulEngine:
         )  # fmt: skip
         self.budget = Budget(limit_tokens=limit, block_size=self.block_size)
         self.rpc = EngineRPC(engine)
-        self.registry = SessionRegistry(self.config, self.budget, self.rpc, self.max_model_len)
+        if store is None and self.config.store not in (None, "off"):
+            store = SessionStore(
+                self.config.store, self.config.store_sync, model=vcfg.model_config.model
+            )
+        self.journal = Journal(store)
+        self._restoring: asyncio.Task | None = None  # restore()'s background rebuild
+        self.registry = SessionRegistry(
+            self.config, self.budget, self.rpc, self.max_model_len, self.journal
+        )
+        self.residency = Residency(self.config, self.budget, self.rpc, self.registry.budgeted)
+        self.registry.on_tick.append(self.residency.sweep)
         self.flash = FlashBook(self.config, self.registry, self.rpc, self.encode)
         self.ingestor = Ingestor(
             self.rpc,
@@ -101,7 +124,10 @@ class StatefulEngine:
             on_new_version=self.flash.scheduler.preempt,
             on_ingested=self.flash.scheduler.notify,
         )
-        self.queries = Querier(self.registry, self.rpc, self.flash, self.encode, self.wait_ingested)
+        self.queries = Querier(
+            self.registry, self.rpc, self.flash, self.encode, self.wait_ingested,
+            rate_tps=lambda: self.ingestor.rate_tps, residency=self.residency,
+        )  # fmt: skip
         metrics.bind(self)
 
     @classmethod
@@ -118,6 +144,20 @@ class StatefulEngine:
         self.registry.stop()
         self.flash.scheduler.stop()
         self.engine.shutdown()
+        if self.journal.store is not None:
+            self.journal.store.close()
+
+    async def restore(self) -> RestorePlan:
+        """Bring back the sessions of the store (after a restart): each is
+        registered at once (``restoring``) and its KV rebuilt in the
+        background, smallest first (``engine/recovery.py``). Call once,
+        before serving; a no-op without a store."""
+        store = self.journal.store
+        if store is None:
+            return RestorePlan()
+        restored = recovery.plan(self, store.load())
+        self._restoring = asyncio.create_task(recovery.rebuild(self, restored.restoring))
+        return restored
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -155,7 +195,12 @@ class StatefulEngine:
             tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
         else:
             tokens = self._check_token_ids(prefix, allow_empty=True)
-        self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
+        try:
+            self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
+        except BudgetExceededError:
+            # Room for it, if idle sessions can leave the pool.
+            await self.residency.make_room(None, len(tokens))
+            self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
         flash_queries = [self.flash.make(**spec) for spec in flash]
         self.flash.check_room(len(flash_queries), 0)
         session = Session(
@@ -173,6 +218,8 @@ class StatefulEngine:
             self.ingestor.kick(session)
             await self.wait_ingested(session_id, 0)
             self.registry.activate(session)
+            # Durable before the caller learns of it.
+            await self.journal.created(session)
         except BaseException as exc:
             # Nobody holds this session's token yet: undo it.
             gone = isinstance(exc, asyncio.CancelledError)
@@ -193,14 +240,32 @@ class StatefulEngine:
         self.rpc.check_alive()
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
-        self.registry.check_grow(session_id, len(session.tokens) + len(token_ids))
+        size = len(session.tokens) + len(token_ids)
+        try:
+            self.registry.check_grow(session_id, size)
+        except BudgetExceededError:
+            await self.residency.make_room(session, size)
+            self.registry.check_grow(session_id, size)
+        # An offload in flight finishes first; the ingestion below then loads
+        # the copy back (an offloaded session returns to the pool this way).
+        await self.residency.settle(session)
         check_backlog(
             self.config, session, self.registry.sessions.values(), len(token_ids),
             self.ingestor.rate_tps,
         )  # fmt: skip
         version = session.extend(token_ids)
         session.touch()
+        # Queued in version order (nothing awaits in between); the engine
+        # starts ingesting while the store commits.
+        durable = self.journal.appended(session, version, token_ids)
         self.ingestor.kick(session)
+        try:
+            await durable
+        except Exception as exc:
+            raise StoreWriteError(
+                f"version {version} of session '{session_id}' is in the session but the "
+                f"session store could not record it ({exc!r}): it would not survive a restart"
+            ) from exc
         return version
 
     async def wait_ingested(
@@ -285,6 +350,7 @@ class StatefulEngine:
         busy = {
             s.key for s in self.registry.budgeted()
             if s.state is not SessionState.ACTIVE
+            or s.residency is not None
             or (s.ingest_task is not None and not s.ingest_task.done())
         }  # fmt: skip
         report = await self.rpc.control("probe-" + uuid.uuid4().hex, Op.PROBE)
@@ -393,6 +459,7 @@ class StatefulEngine:
         session = self.registry.get(session_id)
         fq = self.flash.make(prompt, sampling_params, flash_id, only_changed, max_staleness_ms)
         self.flash.register(session, fq)
+        await self.journal.flash_registered(session, fq)
         return fq
 
     def list_flash(self, session_id: str) -> list[tuple[FlashQuery, FlashResult | None]]:
@@ -400,7 +467,9 @@ class StatefulEngine:
         return [(fq, session.flash_results.get(fid)) for fid, fq in session.flash.items()]
 
     def drop_flash(self, session_id: str, flash_id: str) -> None:
-        self.flash.drop(self.registry.get(session_id), flash_id)
+        session = self.registry.get(session_id)
+        self.flash.drop(session, flash_id)
+        self.journal.flash_dropped(session, flash_id)
 
     # ------------------------------------------------------------------- tokens
 

@@ -236,6 +236,9 @@ class FlashBook:
             len(prompt_ids) >= self.registry.max_model_len
             or session.closed
             or session.flash.get(fq.id) is not fq
+            # Out of the pool: its answers stay cached until it is used again.
+            or session.offloaded
+            or session.residency is not None
         ):
             return
         params = fq.params.clone()

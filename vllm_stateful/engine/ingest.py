@@ -89,6 +89,8 @@ class Ingestor:
                 self.rate_tps = smooth(self.rate_tps, computed / elapsed)
             report = EngineReport.from_params(out.kv_transfer_params)
             session.pinned_tokens = report.session_pinned_tokens if report else 0
+            if session.pinned_tokens:  # an offloaded session's copy was loaded back
+                session.offloaded = False
             session.ingested_tokens = end
             await self._advance(session)
 

@@ -8,6 +8,7 @@ changes the session (``commit`` is the facade's business).
 
 from __future__ import annotations
 
+import math
 from typing import AsyncIterator, Awaitable, Callable
 
 from vllm import SamplingParams
@@ -17,12 +18,26 @@ from vllm.sampling_params import RequestOutputKind
 from vllm_stateful import metrics
 from vllm_stateful.engine.flash import FlashBook, check_staleness
 from vllm_stateful.engine.registry import SessionRegistry
+from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import QueryResult
 from vllm_stateful.engine.rpc import EngineRPC, own_params
-from vllm_stateful.errors import InvalidInputError
+from vllm_stateful.engine.session import Session, SessionState
+from vllm_stateful.errors import InvalidInputError, SessionRestoringError
 from vllm_stateful.protocol import Op
 
-CONSISTENCY = ("ingested", "latest")
+# "available" never waits: a session that is not ready is an error.
+CONSISTENCY = ("ingested", "latest", "available")
+
+
+def not_ready(session: Session, rate_tps: float | None) -> SessionRestoringError:
+    backlog = session.backlog_tokens
+    wait_s = max(1.0, math.ceil(backlog / rate_tps)) if rate_tps else 1.0
+    what = "being restored" if session.state is SessionState.RESTORING else "being created"
+    return SessionRestoringError(
+        f"session '{session.id}' is {what}: {backlog} tokens are still to be ingested; "
+        f"retry, or ask with consistency 'ingested' to wait",
+        retry_after_s=wait_s,
+    )
 
 
 def _result(out: RequestOutput, version: int, prompt_ids: list[int]) -> QueryResult:
@@ -45,12 +60,16 @@ class Querier:
         flash: FlashBook,
         encode: Callable[[object], list[int]],
         wait_ingested: Callable[[str, int], Awaitable[int]],
+        rate_tps: Callable[[], float | None],
+        residency: Residency,
     ):
         self.registry = registry
         self.rpc = rpc
         self.flash = flash
         self.encode = encode
         self.wait_ingested = wait_ingested
+        self.rate_tps = rate_tps
+        self.residency = residency
 
     async def run(
         self,
@@ -71,8 +90,12 @@ class Querier:
         max_staleness_ms = check_staleness(max_staleness_ms)
         params = own_params(sampling_params)
         question = self.encode(prompt)
-        target = session.version if consistency == "latest" else 0
+        # "ingested": the newest ingested version, once the session is ready
+        # (its prefix, or a restored session's stored versions, ingested).
+        target = session.version if consistency == "latest" else session.ready_version
         if session.ingested_version < target:
+            if consistency == "available":
+                raise not_ready(session, self.rate_tps())
             await self.wait_ingested(session_id, target)
         version = session.ingested_version
         prompt_ids = session.tokens_at(version) + question
@@ -90,6 +113,8 @@ class Querier:
         if hit is not None:
             yield hit
             return
+        if session.offloaded or session.residency is not None:
+            await self.residency.bring_back(session)
         metrics.QUERIES.labels("engine").inc()
         self.flash.scheduler.preempt()
         async for out in self.rpc.generate(session.key, prompt_ids, params, Op.QUERY):

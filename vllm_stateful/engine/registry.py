@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from vllm_stateful import metrics
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.budget import Budget
+from vllm_stateful.engine.journal import Journal
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionEvent, SessionState
 from vllm_stateful.errors import (
@@ -41,16 +42,25 @@ CLOSE_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
 TICK_S = 0.5
 # A failed release is retried this long after it failed.
 RETRY_FAILED_S = 5.0
+# How often the last use of sessions is written to the store.
+JOURNAL_LAST_USED_S = 5.0
 # How long a release waits for the session's ingestion to stop (its engine
 # request aborted) before it sends CLOSE anyway.
 STOP_INGEST_S = 5.0
 
 
 class SessionRegistry:
-    def __init__(self, config: StatefulConfig, budget: Budget, rpc: EngineRPC, max_model_len: int):
+    def __init__(
+        self, config: StatefulConfig, budget: Budget, rpc: EngineRPC, max_model_len: int,
+        journal: Journal,
+    ):  # fmt: skip
         self.config = config
         self.budget = budget
         self.rpc = rpc
+        self.journal = journal
+        self._journaled_at = 0.0
+        # Called on every housekeeping pass with the monotonic time.
+        self.on_tick: list[Callable[[float], None]] = []
         self.max_model_len = max_model_len
         # Open sessions (creating, active) by id.
         self.sessions: dict[str, Session] = {}
@@ -93,8 +103,9 @@ class SessionRegistry:
         cap = self.config.tenant_max_tokens
         if cap is not None:
             theirs = self.budget.used(
-                len(s.tokens) for s in self.budgeted() if s is not me and s.tenant == tenant
-            )
+                len(s.tokens) for s in self.budgeted()
+                if s is not me and s.tenant == tenant and not s.offloaded
+            )  # fmt: skip
             need = self.budget.cost(num_tokens)
             if theirs + need > cap:
                 raise TenantLimitError(
@@ -102,7 +113,10 @@ class SessionRegistry:
                     f"'{session_id}' {need}, its other sessions {theirs}); the per-tenant cap "
                     f"tenant_max_tokens (VLLM_STATEFUL_TENANT_MAX_TOKENS) is {cap}"
                 )
-        others = self.budget.used(len(s.tokens) for s in self.budgeted() if s is not me)
+        # Offloaded sessions hold no KV in the pool (engine/residency.py).
+        others = self.budget.used(
+            len(s.tokens) for s in self.budgeted() if s is not me and not s.offloaded
+        )
         self.budget.check(others, num_tokens, session_id)
 
     def budgeted(self) -> Iterator[Session]:
@@ -125,16 +139,18 @@ class SessionRegistry:
     # ---------------------------------------------------------------- lifecycle
 
     def add(self, session: Session) -> None:
-        """Register a session being created (state ``creating``)."""
-        assert session.state is SessionState.CREATING
+        """Register a session being created (``creating``) or restored
+        (``restoring``)."""
+        assert session.state in (SessionState.CREATING, SessionState.RESTORING)
         self._ended.pop(session.id, None)
         self.sessions[session.id] = session
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._housekeeping())
 
     def activate(self, session: Session) -> None:
-        """The prefix is ingested: ``creating`` -> ``active``."""
-        if session.state is not SessionState.CREATING:
+        """The prefix (or a restored session's stored versions) is ingested:
+        ``creating`` / ``restoring`` -> ``active``."""
+        if session.state not in (SessionState.CREATING, SessionState.RESTORING):
             raise SessionClosedError(f"session '{session.id}' was {session.closed_reason}")
         session.state = SessionState.ACTIVE
 
@@ -167,13 +183,15 @@ class SessionRegistry:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         self.ending[session.key] = session
+        # Queued now, in order after the session's last append.
+        forgotten = self.journal.ended(session, reason)
         self._ended[session.id] = reason
         if len(self._ended) > 10 * self.config.max_sessions:
             self._ended.pop(next(iter(self._ended)))
-        session.release_task = asyncio.create_task(self._release(session))
+        session.release_task = asyncio.create_task(self._release(session, forgotten))
         return session.release_task
 
-    async def _release(self, session: Session) -> None:
+    async def _release(self, session: Session, forgotten: asyncio.Future | None = None) -> None:
         ingest = session.ingest_task
         if ingest is not None and not ingest.done():
             # Abort its engine request before CLOSE is sent, so no append of
@@ -184,6 +202,10 @@ class SessionRegistry:
         async with session.changed:
             session.changed.notify_all()  # waiters see the session ending
         released = await self._send_close(session)
+        if forgotten is not None:
+            # Deleted from the store before the close returns (a failure is
+            # logged by the store; the session is then restored on restart).
+            await asyncio.wait({forgotten})
         reason = session.closed_reason or "closed"
         if released:
             session.state = SessionState.CLOSED
@@ -258,6 +280,11 @@ class SessionRegistry:
             [s for s in self.sessions.values() if s.state is SessionState.ACTIVE and s.expired(now)],
             "expired",
         )
+        if now - self._journaled_at >= JOURNAL_LAST_USED_S:
+            self._journaled_at = now
+            self.journal.last_used(self.sessions.values())
+        for hook in self.on_tick:
+            hook(now)
         for session in list(self.ending.values()):
             failed_at = session.release_failed_at
             if session.state is SessionState.FAILED and now - (failed_at or now) >= RETRY_FAILED_S:

@@ -7,8 +7,10 @@ whose KV the engine holds pinned.
 A session's life (``SessionState``)::
 
     creating --prefix ingested--> active --close/expiry--> closing --CLOSE acked--> closed
-        |                                                    |
-        +--prefix failed / caller gone--> closing            +--CLOSE failed--> failed --retry--> closed
+        |                           ^                        |
+        +--prefix failed /          |                        +--CLOSE failed--> failed --retry--> closed
+        |  caller gone--> closing   |
+    restoring --stored versions ingested (after a restart, engine/recovery.py)
 
 Only ``SessionRegistry`` moves a session past ``active``; budget and pin are
 given back in one place (its release path).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 
 class SessionState(str, enum.Enum):
     CREATING = "creating"  # registered, prefix not yet ingested
+    # Read back from the store after a restart; its KV is being rebuilt.
+    RESTORING = "restoring"
     ACTIVE = "active"
     # Ending: no new work; still counts against the budget, because the
     # engine may hold its pin until it acknowledged the CLOSE.
@@ -38,7 +43,12 @@ class SessionState(str, enum.Enum):
 
     @property
     def open(self) -> bool:
-        return self in (SessionState.CREATING, SessionState.ACTIVE)
+        return self in (SessionState.CREATING, SessionState.RESTORING, SessionState.ACTIVE)
+
+
+def token_hash(access_token: str) -> str:
+    """What is kept of a session's access token (and what is compared)."""
+    return hashlib.sha256(access_token.encode()).hexdigest()
 
 
 # A subscriber that lets this many events pile up is dropped (config
@@ -73,6 +83,8 @@ class SessionStats:
     ingest_rate_tps: float | None  # smoothed; None before the first measurement
     state: str = "active"  # SessionState value; stats exist for open sessions only
     tenant: str = "default"  # whose per-tenant caps the session counts against
+    # KV out of vLLM's pool (host memory or disk); brought back on use.
+    offloaded: bool = False
 
 
 # How many (version, ingested time) entries a session keeps for
@@ -86,7 +98,9 @@ class Session:
     # Unique per session instance (ids may be reused after close): the
     # cache salt and the key the engine-side pin is filed under.
     key: str
-    access_token: str
+    # Known only to the creator: the session keeps its hash (``token_hash``),
+    # and a restored session has no token, only the hash.
+    access_token: str | None
     tokens: list[int]
     ttl_s: float | None = None
     # The tenant whose caps (config tenant_max_sessions / _tokens) it counts against.
@@ -106,6 +120,19 @@ class Session:
     release_failed_at: float | None = None  # monotonic; state FAILED
     announced_end: bool = False  # subscribers got closed/evicted
     ingest_error: BaseException | None = None
+    # Questions with consistency "ingested" wait for this version: 0, or the
+    # version a restored session had when the server stopped.
+    ready_version: int = 0
+    token_hash: str = ""
+    # The last use written to the store; None while it is not recorded.
+    journaled_last_used: float | None = None
+    # Offload (engine/residency.py): the KV is out of the pool (not
+    # budgeted), how many tokens its copy holds, an offload or bring-back in
+    # flight (done when the future is), and what the last bring-back computed.
+    offloaded: bool = False
+    offloaded_tokens: int = 0
+    residency: asyncio.Future | None = None
+    restore_computed_tokens: int | None = None
     ingest_task: asyncio.Task | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     subscribers: set[asyncio.Queue] = field(default_factory=set)
@@ -123,6 +150,8 @@ class Session:
     ingested_history: deque = field(default_factory=lambda: deque(maxlen=INGESTED_HISTORY))
 
     def __post_init__(self) -> None:
+        if self.access_token is not None:
+            self.token_hash = token_hash(self.access_token)
         if not self.lengths:
             self.lengths = [len(self.tokens)]
         self.unacked.append((self.version, time.monotonic()))
@@ -201,4 +230,5 @@ class Session:
             ingest_rate_tps=self.ingest_rate_tps,
             state=self.state.value,
             tenant=self.tenant,
+            offloaded=self.offloaded,
         )

@@ -10,6 +10,14 @@ scheduler skips them. Worker side: copies the pinned partial block into the
 block the request was given, before the forward pass. Together a query
 computes exactly its own tokens.
 
+Offload (``Op.OFFLOAD``): the worker copies a session's pinned blocks out of
+the pool (``offload.py``: host memory, then disk) in the step the control
+request is scheduled, and the pin is released. The session's next request
+claims those tokens as external and the worker loads them back into the
+blocks it was given, so bringing a session back computes nothing but the
+one token vLLM needs to run; its append pins the blocks again. A file left
+by an earlier run of the engine is found by the session's key (restart).
+
 Correctness never depends on a pin: untagged requests and mismatching
 prompts get 0 external tokens and simply recompute.
 """
@@ -29,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from vllm_stateful.kv.offload import OffloadStore, stored_tokens
 from vllm_stateful.kv.pins import PinTable
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op, RequestTag
 
@@ -51,6 +60,12 @@ logger = init_logger(f"vllm.{__name__}")
 class StatefulConnectorMetadata(KVConnectorMetadata):
     # (src_block_id, dst_block_id) copies to run before this step's forward.
     copies: list[tuple[int, int]] = field(default_factory=list)
+    # Offload: (session key, block ids, their token ids) to copy out of the
+    # pool; (key, block indices in the copy, block ids) to load back; keys
+    # whose copies are no longer needed. Run before copies, in this order.
+    saves: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    loads: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    drops: list[str] = field(default_factory=list)
 
 
 def _wants_report(request: Request) -> bool:
@@ -77,6 +92,13 @@ class StatefulConnector(KVConnectorBase_V1):
         self._planned: dict[str, tuple[int, int, int]] = {}  # req -> (src, n, dst index)
         self._loaded: dict[str, int] = {}  # req -> tail tokens copied
         self._step_copies: list[tuple[int, int]] = []
+        # Offloaded sessions: key -> the token ids their copy holds.
+        self._offloaded: dict[str, list[int]] = {}
+        self._planned_loads: dict[str, tuple[str, int, int]] = {}  # req -> (key, n, first block)
+        self._saving: dict[str, tuple[str, list[int]]] = {}  # OFFLOAD req -> (key, tokens saved)
+        self._step_saves: list[tuple[str, list[int], list[int]]] = []
+        self._step_loads: list[tuple[str, list[int], list[int]]] = []
+        self._step_drops: list[str] = []
         # Appends in flight per session key (request ids), and the keys closed
         # while one of them was in flight: such an append must not pin again
         # when it finishes. A closed key is forgotten once its last append in
@@ -86,6 +108,7 @@ class StatefulConnector(KVConnectorBase_V1):
         self._closed: set[str] = set()
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
+        self._offload_store: OffloadStore | None = None
         # Set by the engine-side scheduler when it is ours (kv/scheduler.py).
         self._step_log: StepLog | None = None
 
@@ -121,9 +144,25 @@ class StatefulConnector(KVConnectorBase_V1):
             if self._live_appends.get(tag.session):
                 self._closed.add(tag.session)
             self.pins.release(tag.session)
+            self._offloaded.pop(tag.session, None)
+            self._step_drops.append(tag.session)
+            return 0, False
+        if tag.op is Op.OFFLOAD:
+            pin = self.pins.pins.get(tag.session)
+            if pin is not None and request.request_id not in self._saving:  # once
+                # Copied out by the worker in this step. The pin is released
+                # only when this request finishes: until then no other
+                # request can be given these blocks and write over them.
+                self._step_saves.append((tag.session, list(pin.block_ids), list(pin.token_ids)))
+                self._saving[request.request_id] = (tag.session, list(pin.token_ids))
             return 0, False
         if tag.op is Op.PROBE:
             return 0, False
+        pin, copy = self.pins.pins.get(tag.session), self._offloaded.get(tag.session)
+        if pin is None or (copy is not None and len(copy) > len(pin.token_ids)):
+            # Out of the pool, or coming back in chunks (a restore after a
+            # restart): the copy supplies what it holds.
+            return self._plan_load(request, tag.session, num_computed_tokens)
         n, src = self.pins.match_tail(
             tag.session, request.prompt_token_ids, num_computed_tokens
         )
@@ -136,9 +175,39 @@ class StatefulConnector(KVConnectorBase_V1):
         # before the forward pass that reads it.
         return n, False
 
+    def _plan_load(self, request: Request, key: str, computed: int) -> tuple[int, bool]:
+        """Tokens past the prefix-cache hit that the session's offloaded copy
+        can supply: as far as the prompt equals the copy's tokens (KV is valid
+        only for an identical prefix), leaving one token to compute."""
+        self._planned_loads.pop(request.request_id, None)
+        tokens = self._offloaded.get(key)
+        if tokens is None and (tokens := stored_tokens(key)) is not None:
+            self._offloaded[key] = tokens  # written by an earlier run of the engine
+        if tokens is None or computed % self.block_size:
+            return 0, False
+        prompt = request.prompt_token_ids
+        limit = min(len(tokens), len(prompt) - 1)
+        same = 0
+        while same < limit and prompt[same] == tokens[same]:
+            same += 1
+        if same <= computed:
+            return 0, False
+        n = same - computed
+        self._planned_loads[request.request_id] = (key, n, computed // self.block_size)
+        return n, False
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        load = self._planned_loads.pop(request.request_id, None)
+        if load is not None and num_external_tokens:
+            key, n, first = load
+            assert n == num_external_tokens, (n, num_external_tokens)
+            last = (first * self.block_size + n - 1) // self.block_size
+            dst = blocks.get_block_ids()[0][first : last + 1]
+            self._step_loads.append((key, list(range(first, last + 1)), list(dst)))
+            self._loaded[request.request_id] = n
+            return
         plan = self._planned.pop(request.request_id, None)
         if num_external_tokens == 0 or plan is None:
             return
@@ -151,14 +220,18 @@ class StatefulConnector(KVConnectorBase_V1):
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput
     ) -> KVConnectorMetadata:
-        meta = StatefulConnectorMetadata(copies=self._step_copies)
-        self._step_copies = []
+        meta = StatefulConnectorMetadata(
+            copies=self._step_copies, saves=self._step_saves, loads=self._step_loads,
+            drops=self._step_drops,
+        )  # fmt: skip
+        self._step_copies, self._step_saves, self._step_loads, self._step_drops = [], [], [], []
         return meta
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._planned.pop(request.request_id, None)
+        self._planned_loads.pop(request.request_id, None)
         loaded = self._loaded.pop(request.request_id, 0)
         tag = _tag(request)
         wait = self._step_log.pop(request.request_id) if self._step_log else None
@@ -172,8 +245,15 @@ class StatefulConnector(KVConnectorBase_V1):
             and request.num_computed_tokens >= request.num_prompt_tokens
         ):
             self.pins.replace(tag.session, block_ids, request.prompt_token_ids)
+            copy = self._offloaded.get(tag.session)
+            if copy is not None and len(request.prompt_token_ids) >= len(copy):
+                # Back in the pool, whole: the copy is no longer needed.
+                del self._offloaded[tag.session]
+                self._step_drops.append(tag.session)
         if tag.op is Op.APPEND:
             self._append_finished(tag.session, request.request_id)
+        if tag.op is Op.OFFLOAD:
+            self._offload_finished(request.request_id)
         report = self._report(request, tag, loaded)
         if wait is not None:
             report = dataclasses.replace(
@@ -184,6 +264,20 @@ class StatefulConnector(KVConnectorBase_V1):
                 max_ingest_alongside=wait.max_ingest_alongside,
             )
         return False, report.to_params()
+
+    def _offload_finished(self, request_id: str) -> None:
+        """The worker has copied the pin out: release it, unless a newer
+        version was pinned meanwhile (then the copy is stale: drop it)."""
+        saving = self._saving.pop(request_id, None)
+        if saving is None:
+            return
+        key, tokens = saving
+        pin = self.pins.pins.get(key)
+        if pin is not None and pin.token_ids == tokens:
+            self._offloaded[key] = tokens
+            self.pins.release(key)
+        else:
+            self._step_drops.append(key)
 
     def _append_finished(self, session: str, request_id: str) -> None:
         live = self._live_appends.get(session)
@@ -221,10 +315,20 @@ class StatefulConnector(KVConnectorBase_V1):
         # Every layer's cache has the block dimension first, so one index
         # copies a whole block of K and V for that layer.
         self._kv_caches = list(kv_caches.values())
+        self._offload_store = OffloadStore()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, StatefulConnectorMetadata)
+        store = self._offload_store
+        if meta.saves or meta.loads or meta.drops:
+            assert store is not None
+        for key, block_ids, tokens in meta.saves:
+            store.save(key, self._kv_caches, block_ids, tokens)
+        for key, src_blocks, dst_blocks in meta.loads:
+            store.load(key, self._kv_caches, src_blocks, dst_blocks)
+        for key in meta.drops:
+            store.drop(key)
         for src, dst in meta.copies:
             for cache in self._kv_caches:
                 cache[dst].copy_(cache[src])

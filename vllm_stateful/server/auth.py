@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from vllm_stateful.engine.session import token_hash
 from vllm_stateful.errors import AccessDeniedError, SessionNotFoundError
 from vllm_stateful.server.errors import UnauthorizedError
 from vllm_stateful.server.schemas import TOKEN_HEADER
@@ -30,10 +31,11 @@ def presented_tokens(request: Request) -> list[str]:
 
 
 def opens(session: Session, tokens: list[str]) -> bool:
-    want = session.access_token.encode()
+    # Compared by hash: a session restored from the store has only that.
     # compare_digest for every token: the time taken does not reveal which
-    # prefix of the secret matched.
-    return any(hmac.compare_digest(t.encode(), want) for t in tokens)
+    # prefix matched.
+    want = session.token_hash.encode()
+    return any(hmac.compare_digest(token_hash(t).encode(), want) for t in tokens)
 
 
 def require_tokens(request: Request) -> list[str]:

@@ -23,7 +23,9 @@ from vllm_stateful.errors import (
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
+    SessionRestoringError,
     StatefulError,
+    StoreWriteError,
     TenantLimitError,
 )
 
@@ -84,6 +86,8 @@ ERRORS_BY_CODE: dict[str, type[StatefulError]] = {
         ApiKeyError,
         ModelNotFoundError,
         SessionsUnavailableError,
+        SessionRestoringError,
+        StoreWriteError,
     )
 }
 ERRORS_BY_STATUS: dict[int, type[StatefulError]] = {

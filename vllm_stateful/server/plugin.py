@@ -17,7 +17,9 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 from vllm.logger import init_logger
 
+from vllm_stateful.config import StatefulConfig
 from vllm_stateful.server.delegate import find_route
+from vllm_stateful.store import SessionStore, default_store_path
 from vllm_stateful.server.state import DEFAULT_KEEPALIVE_S, ServerState
 
 # Under "vllm." so vLLM's logging configuration shows it.
@@ -63,8 +65,10 @@ class StatefulEndpointPlugin:
                 '"kv_connector_module_path": "vllm_stateful.kv.connector", '
                 '"kv_role": "kv_both"}\''
             )
-        engine = StatefulEngine(engine_client)
         names = list(args.served_model_name or [args.model])
+        config = StatefulConfig.from_env()
+        engine = StatefulEngine(engine_client, config, store=open_store(config, names[0], args))
+        restored = await engine.restore()
         keepalive = float(getattr(args, "sse_keep_alive_interval", 0) or 0) or DEFAULT_KEEPALIVE_S
         state.stateful = ServerState(
             engine=engine,
@@ -80,6 +84,25 @@ class StatefulEndpointPlugin:
             engine.num_blocks,
             engine.budget.limit_tokens,
         )
+        store = engine.journal.store
+        logger.info(
+            "vllm-stateful: session store %s (sync %s): restoring %d sessions, %d expired "
+            "while down, %d refused",
+            store.path if store else "off", config.store_sync, len(restored.restoring),
+            len(restored.expired), len(restored.refused),
+        )  # fmt: skip
+        for session_id, why in restored.refused.items():
+            logger.error("vllm-stateful: stored session '%s' not restored: %s", session_id, why)
+
+
+def open_store(config: StatefulConfig, model: str, args: Namespace) -> SessionStore | None:
+    """The server's session store: ``VLLM_STATEFUL_STORE`` names the file
+    (``off``: none); by default one file for this model and port under the
+    user's state directory (``store/location.py``)."""
+    if config.store == "off":
+        return None
+    path = config.store or default_store_path(model, int(args.port))
+    return SessionStore(path, config.store_sync, model=args.model)
 
 
 def plugin() -> StatefulEndpointPlugin:

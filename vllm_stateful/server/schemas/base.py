@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Consistency = Literal["ingested", "latest"]
+Consistency = Literal["ingested", "latest", "available"]
 
 # Integers the engine receives: vLLM sends requests to its engine core as
 # msgpack, which cannot carry integers outside 64 bits (the encoder raises,

@@ -42,13 +42,14 @@ class SessionStats(Open):
     ingest_requests: int
     created_at: float  # unix time
     expires_at: float | None  # unix time; None: no TTL
-    state: str = "active"  # creating | active (only open sessions are listed)
+    state: str = "active"  # creating | restoring | active (only open sessions are listed)
     ingested_tokens: int = 0  # tokens pinned (ingestion chunk ends included)
     backlog_tokens: int = 0  # appended but not yet ingested
     ingest_lag_s: float = 0.0  # age of the oldest un-ingested append; 0.0 when caught up
     ingest_rate_tps: float | None = None  # prompt tokens/s ingested, smoothed; None: not yet measured
     tenant: str = "default"  # from the tenant header at create (config tenant_header)
     replica: str | None = None  # the replica holding it when scaled out (vllm_stateful.scale)
+    offloaded: bool = False  # KV out of the pool (host memory or disk); back on use
 
 
 class SessionList(Open):
@@ -89,7 +90,7 @@ class CloseResponse(Open):
 class SessionEvent(Open):
     """One server-sent event of ``GET /v1/sessions/{id}/events``."""
 
-    type: str  # "ingested" | "flash" | "closed" | "evicted"
+    type: str  # "ingested" | "flash" | "offloaded" | "closed" | "evicted" | "dropped"
     session_id: str
     version: int
     data: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,283 @@
+"""The session store: SQLite in WAL mode, written by one thread with group
+commit.
+
+Every write is queued and returns an ``asyncio.Future`` that completes once
+the write is durable. The writer thread takes everything queued, applies it
+in one transaction and commits once, so concurrent appends share one fsync
+(``sync="group"``). ``sync="each"`` commits every write alone (one fsync per
+append; for comparison), ``sync="os"`` commits without fsync (SQLite
+``synchronous=NORMAL`` in WAL mode): a write then survives a crash of the
+server process but not of the machine.
+
+Writes are applied in the order they were queued, so an append queued after
+a create, or a delete queued after an append, lands in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from array import array
+from pathlib import Path
+from typing import Callable
+
+from vllm_stateful.store.records import StoredFlash, StoredSession
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+SYNC_MODES = ("group", "each", "os")
+# At most this many writes share one commit.
+MAX_BATCH = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, key TEXT NOT NULL, token_hash TEXT NOT NULL, tenant TEXT NOT NULL,
+    ttl_s REAL, created_at REAL NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS appends (
+    session_id TEXT NOT NULL, version INTEGER NOT NULL, tokens BLOB NOT NULL,
+    PRIMARY KEY (session_id, version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flash (
+    session_id TEXT NOT NULL, flash_id TEXT NOT NULL, spec TEXT NOT NULL,
+    PRIMARY KEY (session_id, flash_id));  -- rowid: registration order
+"""
+
+Write = Callable[[sqlite3.Connection], None]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened (locked by another server, or written by
+    another model)."""
+
+
+def _pack(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def _unpack(blob: bytes) -> list[int]:
+    out = array("i")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+class SessionStore:
+    def __init__(self, path: str | os.PathLike, sync: str = "group", model: str = ""):
+        if sync not in SYNC_MODES:
+            raise ValueError(f"store sync must be one of {SYNC_MODES}, got {sync!r}")
+        self.path = Path(path)
+        self.sync = sync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'os' else 'FULL'}")
+            self._conn.executescript(_SCHEMA)
+            self._check_model(model)
+        except BaseException:
+            self._conn.close()
+            os.close(self._lock)
+            raise
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vllm-stateful-store", daemon=True)
+        self._thread.start()
+
+    def _check_model(self, model: str) -> None:
+        """Token ids only mean something to the model that made them."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        count = self._conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        if row is not None and row[0] != model and count:
+            raise StoreError(
+                f"the session store {self.path} holds {count} sessions of model "
+                f"'{row[0]}', not '{model}': serve that model, or give this server its "
+                f"own store (VLLM_STATEFUL_STORE)"
+            )
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?)", (model,))
+
+    # -------------------------------------------------------------------- reads
+
+    def load(self) -> list[StoredSession]:
+        """Every stored session (call before the first write)."""
+        appends: dict[str, list[list[int]]] = {}
+        for sid, _, blob in self._conn.execute(
+            "SELECT session_id, version, tokens FROM appends ORDER BY session_id, version"
+        ):
+            appends.setdefault(sid, []).append(_unpack(blob))
+        flash: dict[str, list[StoredFlash]] = {}
+        for sid, spec in self._conn.execute("SELECT session_id, spec FROM flash ORDER BY rowid"):
+            flash.setdefault(sid, []).append(StoredFlash(**json.loads(spec)))
+        out = []
+        for sid, key, token_hash, tenant, ttl_s, created_at, last_used in self._conn.execute(
+            "SELECT id, key, token_hash, tenant, ttl_s, created_at, last_used FROM sessions"
+        ):
+            tokens: list[int] = []
+            lengths: list[int] = []
+            for part in appends.get(sid, []):
+                tokens.extend(part)
+                lengths.append(len(tokens))
+            if not lengths:
+                continue  # cannot happen: a session is written with its prefix
+            out.append(StoredSession(
+                id=sid, key=key, token_hash=token_hash, tenant=tenant, ttl_s=ttl_s,
+                created_at=created_at, last_used=last_used, tokens=tokens,
+                lengths=lengths, flash=flash.get(sid, []),
+            ))  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------- writes
+
+    def create(self, s: StoredSession) -> asyncio.Future:
+        def write(db: sqlite3.Connection) -> None:
+            _delete(db, s.id)  # a reused id starts afresh
+            db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.key, s.token_hash, s.tenant, s.ttl_s, s.created_at, s.last_used),
+            )
+            start = 0
+            for version, end in enumerate(s.lengths):
+                db.execute(
+                    "INSERT INTO appends VALUES (?, ?, ?)", (s.id, version, _pack(s.tokens[start:end]))
+                )
+                start = end
+            for fq in s.flash:
+                _put_flash(db, s.id, fq)
+
+        return self._submit(write)
+
+    def append(self, session_id: str, version: int, tokens: list[int], now: float) -> asyncio.Future:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO appends VALUES (?, ?, ?)", (session_id, version, _pack(tokens)))
+            db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (now, session_id))
+
+        return self._submit(write)
+
+    def touch(self, last_used: dict[str, float]) -> asyncio.Future:
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE sessions SET last_used = ? WHERE id = ?",
+                [(t, sid) for sid, t in last_used.items()],
+            )
+
+        return self._submit(write)
+
+    def put_flash(self, session_id: str, fq: StoredFlash) -> asyncio.Future:
+        return self._submit(lambda db: _put_flash(db, session_id, fq))
+
+    def drop_flash(self, session_id: str, flash_id: str) -> asyncio.Future:
+        return self._submit(lambda db: db.execute(
+            "DELETE FROM flash WHERE session_id = ? AND flash_id = ?", (session_id, flash_id)
+        ))  # fmt: skip
+
+    def delete(self, session_id: str) -> asyncio.Future:
+        return self._submit(lambda db: _delete(db, session_id))
+
+    def close(self) -> None:
+        """Finish the queued writes and close the file."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._conn.close()
+        os.close(self._lock)
+
+    # ------------------------------------------------------------------- writer
+
+    def _submit(self, write: Write) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(_log_failure)
+        self._queue.put((write, future, loop))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            while self.sync != "each" and len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list) -> None:
+        try:
+            self._transaction([w for w, _, _ in batch])
+            errors: list[BaseException | None] = [None] * len(batch)
+        except Exception:  # noqa: BLE001 - find which write failed: one at a time
+            errors = []
+            for write, _, _ in batch:
+                try:
+                    self._transaction([write])
+                    errors.append(None)
+                except Exception as exc:  # noqa: BLE001 - handed to its caller
+                    errors.append(exc)
+        for (_, future, loop), error in zip(batch, errors):
+            loop.call_soon_threadsafe(_settle, future, error)
+
+    def _transaction(self, writes: list[Write]) -> None:
+        db = self._conn
+        db.execute("BEGIN")
+        try:
+            for write in writes:
+                write(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")  # the one fsync of the batch (unless sync="os")
+
+
+def _put_flash(db: sqlite3.Connection, session_id: str, fq: StoredFlash) -> None:
+    spec = json.dumps({
+        "id": fq.id, "prompt": fq.prompt, "sampling": fq.sampling,
+        "only_changed": fq.only_changed, "max_staleness_ms": fq.max_staleness_ms,
+    })  # fmt: skip
+    db.execute("INSERT OR REPLACE INTO flash VALUES (?, ?, ?)", (session_id, fq.id, spec))
+
+
+def _delete(db: sqlite3.Connection, session_id: str) -> None:
+    for table, column in (("sessions", "id"), ("appends", "session_id"), ("flash", "session_id")):
+        db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    # Also marks the exception retrieved for writes nobody awaits.
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("session store write failed: %r", future.exception())
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock next to the file, held while the server runs (the
+    OS drops it when the process dies, even on kill -9)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"the session store {path} is in use by another server; give each server its "
+            f"own store (VLLM_STATEFUL_STORE)"
+        ) from None
+    return fd

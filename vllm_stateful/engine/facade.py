@@ -24,13 +24,13 @@ from vllm_stateful.config import (
     speculative_config,
 )
 from vllm_stateful.engine.backlog import check_backlog
+from vllm_stateful.engine import recovery
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
 from vllm_stateful.engine.journal import Journal
 from vllm_stateful.engine.query import Querier
 from vllm_stateful.engine.reconcile import Reconciliation, reconcile
-from vllm_stateful.engine import recovery
 from vllm_stateful.engine.recovery import RestorePlan
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.residency import Residency

@@ -89,6 +89,9 @@ class Residency:
         done = session.residency = asyncio.get_running_loop().create_future()
         try:
             await self.make_room(session, session.offloaded_tokens)
+            # Within the budget, or not at all (pins past it could starve the
+            # engine): the question fails and the session stays out.
+            self.budget.check(self.resident_tokens(excluding=session), session.offloaded_tokens, session.id)
             prompt = session.tokens[: session.offloaded_tokens]
             out = await self.rpc.final(session.key, prompt, one_token(), Op.APPEND)
             report = EngineReport.from_params(out.kv_transfer_params)

@@ -52,7 +52,10 @@ async def stateful(tiny_model_path):
 
     engine = StatefulEngine.from_engine_args(
         stateful_engine_args(**engine_kwargs(tiny_model_path)),
-        StatefulConfig(budget_fraction=0.5),
+        # Offload off: these engines' tests assert admission exactly (a
+        # create past the budget is refused); tests/test_offload.py gives
+        # offload its own session API over the shared engine.
+        StatefulConfig(budget_fraction=0.5, offload=False),
     )
     yield engine
     engine.shutdown()
@@ -101,7 +104,10 @@ async def stateful_spec(tiny_model_path):
     )
     engine = StatefulEngine(
         AsyncLLM.from_engine_args(args, stat_loggers=[SpecDecodeTotals]),
-        StatefulConfig(budget_fraction=0.5),
+        # Offload off: these engines' tests assert admission exactly (a
+        # create past the budget is refused); tests/test_offload.py gives
+        # offload its own session API over the shared engine.
+        StatefulConfig(budget_fraction=0.5, offload=False),
     )
     engine.spec_decode_totals = totals
     yield engine

@@ -71,3 +71,27 @@ class RpcFaults:
         async with contextlib.aclosing(self.original(key, prompt_ids, params, op)) as outs:
             async for out in outs:
                 yield out
+
+
+@contextlib.asynccontextmanager
+async def session_api(engine, **config):
+    """A second ``StatefulEngine`` over the shared vLLM engine, with its own
+    ``StatefulConfig(**config)``. On the way out its store (if any) is closed
+    first, so what it holds stays there as after a crash; then its sessions
+    are closed, freeing their pins, and the metrics read the shared engine
+    again. Asserts that no pin is left."""
+    from vllm_stateful import StatefulConfig, StatefulEngine, metrics
+
+    other = StatefulEngine(engine.engine, StatefulConfig(**config))
+    try:
+        yield other
+    finally:
+        if other.journal.store is not None:
+            other.journal.store.close()
+            other.journal.store = None
+        for sid in list(other.sessions):
+            await other.close_session(sid)
+        other.registry.stop()
+        other.flash.scheduler.stop()
+        metrics.bind(engine)
+    assert (await engine.kv_stats()).pinned_blocks == 0

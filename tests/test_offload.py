@@ -6,13 +6,10 @@ a small budget, so four times more sessions than it holds stay usable.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from conftest import BLOCK_SIZE
-from helpers import greedy, reference, until
-from vllm_stateful import StatefulConfig, StatefulEngine, metrics
+from helpers import greedy, reference, session_api, until
 from vllm_stateful.kv.offload import offload_dir
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -20,20 +17,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 # 4 sessions of 3 blocks (plus a question's room) fit this budget.
 SESSION_TOKENS = 3 * BLOCK_SIZE - 5  # not block aligned: the tail must come back too
 BUDGET = 4 * 3 * BLOCK_SIZE
-
-
-@contextlib.asynccontextmanager
-async def facade(engine, **config):
-    other = StatefulEngine(engine.engine, StatefulConfig(**config))
-    try:
-        yield other
-    finally:
-        for sid in list(other.sessions):
-            await other.close_session(sid)
-        other.registry.stop()
-        other.flash.scheduler.stop()
-        metrics.bind(engine)  # the gauges read the shared engine again
-    assert (await engine.kv_stats()).pinned_blocks == 0
 
 
 def prefix(i: int) -> list[int]:
@@ -45,7 +28,7 @@ def files(key: str) -> set[str]:
 
 
 async def test_four_times_the_pool_stays_usable(engine, stock):
-    async with facade(engine, budget_tokens=BUDGET, offload_idle_s=None) as eng:
+    async with session_api(engine, budget_tokens=BUDGET, offload_idle_s=None) as eng:
         sessions = [await eng.create_session(prefix(i), session_id=f"o{i}") for i in range(16)]
         # Each create past the fourth moved the least recently used one out.
         assert [s.offloaded for s in sessions] == [True] * 12 + [False] * 4
@@ -71,7 +54,7 @@ async def test_four_times_the_pool_stays_usable(engine, stock):
 
 
 async def test_idle_session_moves_out_and_its_append_loads_it_back(engine, stock):
-    async with facade(engine, offload_idle_s=0.2) as eng:
+    async with session_api(engine, offload_idle_s=0.2) as eng:
         s = await eng.create_session(prefix(99), session_id="idle")
         await until(lambda: s.offloaded)
         assert s.pinned_tokens == 0

@@ -10,40 +10,21 @@ answers token-for-token those of stock vLLM on the same tokens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 
 import pytest
 
-from helpers import greedy, reference
-from vllm_stateful import StatefulConfig, StatefulEngine, metrics
-from vllm_stateful.engine.session import SessionState
+from helpers import greedy, reference, session_api
+from vllm_stateful.engine.session import SessionState, token_hash
 from vllm_stateful.errors import SessionRestoringError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-@contextlib.asynccontextmanager
-async def facade(engine, path):
-    """Another session API over the shared vLLM engine, with a store; its
-    sessions are closed (without touching the store) on the way out."""
-    other = StatefulEngine(engine.engine, StatefulConfig(store=str(path)))
-    try:
-        yield other
-    finally:
-        other.journal.store.close()
-        other.journal.store = None  # what it left in the store stays there
-        for sid in list(other.sessions):
-            await other.close_session(sid)
-        other.registry.stop()
-        other.flash.scheduler.stop()
-        metrics.bind(engine)  # the gauges read the shared engine again
-
-
 async def test_sessions_come_back_after_a_restart(engine, stock, tmp_path):
     path = tmp_path / "sessions.sqlite3"
     before = {}
-    async with facade(engine, path) as first:
+    async with session_api(engine, store=str(path)) as first:
         s1 = await first.create_session("Ticks: EURUSD 1.0841 1.0843", session_id="s1", ttl_s=3600)
         # A burst of appends, all acknowledged (durable) before it returns.
         versions = await asyncio.gather(*(first.append("s1", f" tick {i} 1.08{i}") for i in range(12)))
@@ -61,7 +42,7 @@ async def test_sessions_come_back_after_a_restart(engine, stock, tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("UPDATE sessions SET last_used = last_used - 120 WHERE id = 's3'")
 
-    async with facade(engine, path) as second:
+    async with session_api(engine, store=str(path)) as second:
         plan = await second.restore()
         assert [s.id for s in plan.restoring] == ["s2", "s1"]  # smallest first
         assert plan.expired == ["s3"] and plan.refused == {}
@@ -82,8 +63,6 @@ async def test_sessions_come_back_after_a_restart(engine, stock, tmp_path):
             assert answer.token_ids == answered
             question = second.encode(" What now?")
             assert answer.token_ids == await reference(stock, tokens_ + question, 6)
-        from vllm_stateful.engine.session import token_hash
-
         assert second.sessions["s1"].token_hash == token_hash(tokens["s1"])
         assert second.sessions["s2"].tenant == "acme" and second.sessions["s1"].ttl_s == 3600
         [(fq, _)] = second.list_flash("s1")
@@ -92,4 +71,3 @@ async def test_sessions_come_back_after_a_restart(engine, stock, tmp_path):
         # Closing deletes it from the store; the rest stays.
         await second.close_session("s2")
         assert [s.id for s in second.journal.store.load()] == ["s1"]
-    assert (await engine.kv_stats()).pinned_blocks == 0

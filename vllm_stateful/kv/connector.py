@@ -94,6 +94,10 @@ class StatefulConnector(KVConnectorBase_V1):
         self._step_copies: list[tuple[int, int]] = []
         # Offloaded sessions: key -> the token ids their copy holds.
         self._offloaded: dict[str, list[int]] = {}
+        # Keys whose disk has no copy from an earlier run: looked up once, not
+        # on every scheduling attempt (later copies are this engine's own,
+        # in ``_offloaded``). Forgotten on CLOSE.
+        self._no_stored_copy: set[str] = set()
         self._planned_loads: dict[str, tuple[str, int, int]] = {}  # req -> (key, n, first block)
         self._saving: dict[str, tuple[str, list[int]]] = {}  # OFFLOAD req -> (key, tokens saved)
         self._step_saves: list[tuple[str, list[int], list[int]]] = []
@@ -145,6 +149,7 @@ class StatefulConnector(KVConnectorBase_V1):
                 self._closed.add(tag.session)
             self.pins.release(tag.session)
             self._offloaded.pop(tag.session, None)
+            self._no_stored_copy.discard(tag.session)
             self._step_drops.append(tag.session)
             return 0, False
         if tag.op is Op.OFFLOAD:
@@ -181,8 +186,12 @@ class StatefulConnector(KVConnectorBase_V1):
         only for an identical prefix), leaving one token to compute."""
         self._planned_loads.pop(request.request_id, None)
         tokens = self._offloaded.get(key)
-        if tokens is None and (tokens := stored_tokens(key)) is not None:
-            self._offloaded[key] = tokens  # written by an earlier run of the engine
+        if tokens is None and key not in self._no_stored_copy:
+            tokens = stored_tokens(key)  # written by an earlier run of the engine
+            if tokens is None:
+                self._no_stored_copy.add(key)
+            else:
+                self._offloaded[key] = tokens
         if tokens is None or computed % self.block_size:
             return 0, False
         prompt = request.prompt_token_ids

@@ -38,7 +38,6 @@ from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
 from vllm_stateful.errors import (
-    BudgetExceededError,
     CommitConflictError,
     IngestionFailedError,
     InvalidInputError,
@@ -195,12 +194,9 @@ class StatefulEngine:
             tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
         else:
             tokens = self._check_token_ids(prefix, allow_empty=True)
-        try:
-            self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
-        except BudgetExceededError:
-            # Room for it, if idle sessions can leave the pool.
-            await self.residency.make_room(None, len(tokens))
-            self.registry.check_new(session_id, len(tokens), ttl_s, tenant)
+        await self.residency.admit(
+            lambda: self.registry.check_new(session_id, len(tokens), ttl_s, tenant), None, len(tokens)
+        )
         flash_queries = [self.flash.make(**spec) for spec in flash]
         self.flash.check_room(len(flash_queries), 0)
         session = Session(
@@ -241,11 +237,7 @@ class StatefulEngine:
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
         size = len(session.tokens) + len(token_ids)
-        try:
-            self.registry.check_grow(session_id, size)
-        except BudgetExceededError:
-            await self.residency.make_room(session, size)
-            self.registry.check_grow(session_id, size)
+        await self.residency.admit(lambda: self.registry.check_grow(session_id, size), session, size)
         # An offload in flight finishes first; the ingestion below then loads
         # the copy back (an offloaded session returns to the pool this way).
         await self.residency.settle(session)

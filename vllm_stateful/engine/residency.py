@@ -22,6 +22,7 @@ from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.budget import Budget
 from vllm_stateful.engine.rpc import EngineRPC, one_token
 from vllm_stateful.engine.session import Session, SessionEvent, SessionState
+from vllm_stateful.errors import BudgetExceededError
 from vllm_stateful.protocol import EngineReport, Op
 
 logger = init_logger(f"vllm.{__name__}")
@@ -102,6 +103,16 @@ class Residency:
             session.residency = None
             done.set_result(None)
         metrics.OFFLOAD_RESTORES.inc()
+
+    async def admit(self, check: Callable[[], None], me: Session | None, tokens: int) -> None:
+        """Run the admission ``check`` (for ``me``, or a new session, holding
+        ``tokens``); past the budget, make room by offloading idle sessions
+        and run it again."""
+        try:
+            check()
+        except BudgetExceededError:
+            await self.make_room(me, tokens)
+            check()
 
     async def make_room(self, me: Session | None, tokens: int) -> None:
         """Offload least recently used idle sessions until ``me`` (or a new

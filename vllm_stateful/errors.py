@@ -46,6 +46,15 @@ class ContextLengthError(StatefulError):
     code = "context_length_exceeded"
 
 
+class AppendTooLargeError(InvalidInputError):
+    """One append that no context window of the session could ever hold
+    (with ``overflow="slide"``: the prefix plus this append pass the
+    session's token limit). The message names the limit; nothing was
+    appended."""
+
+    code = "append_too_large"
+
+
 class BudgetExceededError(StatefulError):
     """Pinning the session's KV would pass the session memory budget."""
 
@@ -83,6 +92,15 @@ class BacklogFullError(RetryLaterError):
 
     http_status = 429
     code = "ingest_backlog_full"
+
+
+class SlideInProgressError(RetryLaterError):
+    """With ``overflow="slide"``: the session's next window is still being
+    built and this append would overflow it too. Nothing was appended; retry
+    after ``retry_after_s`` seconds (the window is then in place)."""
+
+    http_status = 429
+    code = "slide_in_progress"
 
 
 class IngestionFailedError(RetryLaterError):

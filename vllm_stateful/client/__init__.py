@@ -17,6 +17,7 @@ from vllm_stateful.client.aio import AsyncClient, AsyncSession
 from vllm_stateful.client.sync import Client, Session
 from vllm_stateful.errors import (
     AccessDeniedError,
+    AppendTooLargeError,
     BacklogFullError,
     BudgetExceededError,
     CommitConflictError,
@@ -27,6 +28,7 @@ from vllm_stateful.errors import (
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
+    SlideInProgressError,
     StatefulError,
     TenantLimitError,
 )
@@ -40,6 +42,7 @@ from vllm_stateful.server.schemas import Completion, SessionStats
 
 __all__ = [
     "AccessDeniedError",
+    "AppendTooLargeError",
     "ApiKeyError",
     "AsyncClient",
     "AsyncSession",
@@ -58,6 +61,7 @@ __all__ = [
     "SessionExistsError",
     "SessionNotFoundError",
     "SessionStats",
+    "SlideInProgressError",
     "SessionsUnavailableError",
     "StatefulError",
     "TenantLimitError",

@@ -42,8 +42,14 @@ def create_call(
     session_id: str | None,
     ttl_s: float | None,
     flash: list[dict[str, Any]] | None = None,
+    overflow: str | None = None,
+    max_tokens: int | None = None,
 ) -> Call:
     body: dict[str, Any] = {"prefix": prefix}
+    if overflow is not None:
+        body["overflow"] = overflow
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if flash:
         body["flash"] = [_flash_body(f) for f in flash]
     if session_id is not None:

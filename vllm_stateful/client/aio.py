@@ -74,9 +74,13 @@ class AsyncClient:
         session_id: str | None = None,
         ttl_s: float | None = None,
         flash: list[dict[str, Any]] | None = None,
+        overflow: str | None = None,
+        max_tokens: int | None = None,
     ) -> AsyncSession:
-        """Open a session; returns once its prefix is ingested."""
-        out = await self._send(_wire.create_call(prefix, session_id, ttl_s, flash))
+        """Open a session; returns once its prefix is ingested. ``overflow``
+        ("reject" or "slide") and ``max_tokens``: see ``POST /v1/sessions``."""
+        call = _wire.create_call(prefix, session_id, ttl_s, flash, overflow, max_tokens)
+        out = await self._send(call)
         created = CreateSessionResponse.model_validate(out)
         return AsyncSession(self, created.id, created.token)
 

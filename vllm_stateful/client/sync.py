@@ -73,11 +73,13 @@ class Client:
         session_id: str | None = None,
         ttl_s: float | None = None,
         flash: list[dict[str, Any]] | None = None,
+        overflow: str | None = None,
+        max_tokens: int | None = None,
     ) -> Session:
-        """Open a session; returns once its prefix is ingested."""
-        out = CreateSessionResponse.model_validate(
-            self._send(_wire.create_call(prefix, session_id, ttl_s, flash))
-        )
+        """Open a session; returns once its prefix is ingested. ``overflow``
+        ("reject" or "slide") and ``max_tokens``: see ``POST /v1/sessions``."""
+        call = _wire.create_call(prefix, session_id, ttl_s, flash, overflow, max_tokens)
+        out = CreateSessionResponse.model_validate(self._send(call))
         return Session(self, out.id, out.token)
 
     def session(self, session_id: str, token: str) -> Session:

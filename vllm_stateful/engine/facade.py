@@ -37,11 +37,19 @@ from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
+from vllm_stateful.engine.slide import Slider
+from vllm_stateful.engine.window import (
+    check_max_tokens,
+    check_policy,
+    model_limit,
+    plan_window,
+)
 from vllm_stateful.errors import (
     CommitConflictError,
     IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
+    SlideInProgressError,
     StoreWriteError,
 )
 from vllm_stateful.protocol import Op
@@ -123,6 +131,9 @@ class StatefulEngine:
             on_new_version=self.flash.scheduler.preempt,
             on_ingested=self.flash.scheduler.notify,
         )
+        self.slider = Slider(
+            self.registry, self.ingestor, self.journal, on_swapped=self.flash.scheduler.notify
+        )
         self.queries = Querier(
             self.registry, self.rpc, self.flash, self.encode, self.wait_ingested,
             rate_tps=lambda: self.ingestor.rate_tps, residency=self.residency,
@@ -172,12 +183,19 @@ class StatefulEngine:
         ttl_s: float | None = None,
         flash: Sequence[dict[str, Any]] = (),
         tenant: str | None = None,
+        overflow: str = "reject",
+        max_tokens: int | None = None,
     ) -> Session:
         """Open a session whose version 0 is ``prefix``; returns once the
         prefix is ingested (pinned). ``flash`` holds keyword arguments for
         :meth:`register_flash`, registered atomically with the session.
         ``tenant`` (default ``"default"``) is whose per-tenant caps the
         session counts against (``TenantLimitError`` past one).
+
+        ``max_tokens`` (default: the model's ``max_model_len`` - 1) is the
+        most tokens the session holds; ``overflow`` says what an append past
+        it does: ``"reject"`` refuses it (``ContextLengthError``), ``"slide"``
+        drops the oldest appends, keeping the prefix (``engine/window.py``).
 
         If the prefix cannot be ingested or the caller is cancelled first,
         the session is rolled back (released: budget and pin given back)
@@ -190,10 +208,12 @@ class StatefulEngine:
             tenant = "default"
         if not isinstance(tenant, str) or not tenant:
             raise InvalidInputError("tenant must be a non-empty string")
+        overflow = check_policy(overflow)
         if isinstance(prefix, str):
             tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
         else:
             tokens = self._check_token_ids(prefix, allow_empty=True)
+        max_tokens = check_max_tokens(max_tokens, len(tokens), self.max_model_len)
         await self.residency.admit(
             lambda: self.registry.check_new(session_id, len(tokens), ttl_s, tenant), None, len(tokens)
         )
@@ -207,6 +227,9 @@ class StatefulEngine:
             ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
             tenant=tenant,
             max_event_queue=self.config.max_event_queue,
+            overflow=overflow,
+            max_tokens=max_tokens,
+            limit=max_tokens if max_tokens is not None else model_limit(self.max_model_len),
         )
         session.flash = {fq.id: fq for fq in flash_queries}
         self.registry.add(session)
@@ -232,12 +255,27 @@ class StatefulEngine:
         ``ingest_chunk_tokens``; appends that arrive while one is ingested are
         coalesced into the next engine request. Past a backlog bound the
         append is refused (``BacklogFullError``) and nothing changes.
+
+        Past the session's ``max_tokens``, an ``overflow="slide"`` session
+        starts building its next window (``engine/slide.py``) and the append
+        is its newest version; questions read the previous log until the
+        window is ingested.
         """
         self.rpc.check_alive()
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
-        size = len(session.tokens) + len(token_ids)
-        await self.residency.admit(lambda: self.registry.check_grow(session_id, size), session, size)
+        if session.overflow == "slide":
+            # Past its limit the append starts a slide (re-planned below,
+            # after the awaits, on the log as it is then).
+            plan = self._plan_slide(session, token_ids)
+            size = len(plan.tokens) if plan is not None else self._newest_size(session, token_ids)
+            keeping = self._keeping(session, sliding=plan is not None)
+        else:
+            size, keeping = len(session.tokens) + len(token_ids), ()
+            self.registry.check_limit(session, size)
+        await self.residency.admit(
+            lambda: self.registry.check_grow(session_id, size, keeping=keeping), session, size
+        )
         # An offload in flight finishes first; the ingestion below then loads
         # the copy back (an offloaded session returns to the pool this way).
         await self.residency.settle(session)
@@ -245,12 +283,24 @@ class StatefulEngine:
             self.config, session, self.registry.sessions.values(), len(token_ids),
             self.ingestor.rate_tps,
         )  # fmt: skip
-        version = session.extend(token_ids)
+        if session.overflow == "slide":
+            # Synchronous from here to the version: the plan covers every
+            # append taken before this one.
+            plan = self._plan_slide(session, token_ids)
+            if plan is not None:
+                self.registry.check_grow(
+                    session_id, len(plan.tokens), keeping=self._keeping(session, sliding=True)
+                )
+                version = self.slider.start(session, plan)
+            else:
+                version = session.extend(token_ids)
+        else:
+            version = session.extend(token_ids)
         session.touch()
         # Queued in version order (nothing awaits in between); the engine
         # starts ingesting while the store commits.
         durable = self.journal.appended(session, version, token_ids)
-        self.ingestor.kick(session)
+        self.slider.kick(session)
         try:
             await durable
         except Exception as exc:
@@ -259,6 +309,38 @@ class StatefulEngine:
                 f"session store could not record it ({exc!r}): it would not survive a restart"
             ) from exc
         return version
+
+    def _newest_size(self, session: Session, token_ids: list[int]) -> int:
+        """Tokens of the newest log (a window being built, else the
+        session's) once ``token_ids`` are appended."""
+        return len((session.window or session).tokens) + len(token_ids)
+
+    def _plan_slide(self, session: Session, token_ids: list[int]):
+        """The window an append to a ``slide`` session starts, or None when
+        the append fits. Raises ``SlideInProgressError`` when a window is
+        being built and the append would overflow it too, and
+        ``AppendTooLargeError`` when no window could ever hold it."""
+        size = self._newest_size(session, token_ids)
+        if size <= session.limit:
+            return None
+        if session.window is not None:
+            raise SlideInProgressError(
+                f"session '{session.id}' is building its next window and this append "
+                f"would pass its limit of {session.limit} tokens again; retry once the "
+                f"window is in place"
+            )
+        return plan_window(
+            session.prefix_len, session.tokens + token_ids, [*session.lengths, size],
+            session.first_version, session.limit,
+        )  # fmt: skip
+
+    @staticmethod
+    def _keeping(session: Session, sliding: bool) -> tuple[int, ...]:
+        """KV sizes the session pins besides the log that grows: keys a
+        slide retired, and the current log while a window is (or is about
+        to be) built."""
+        own = [len(session.tokens)] if (sliding or session.window) and not session.offloaded else []
+        return (*own, *session.retiring.values())
 
     async def wait_ingested(
         self, session_id: str, version: int | None = None, timeout: float | None = None
@@ -295,7 +377,7 @@ class StatefulEngine:
         """Restart ingestion after a failure (the next append does too);
         returns the version it works towards. A no-op while it runs."""
         session = self.registry.get(session_id)
-        self.ingestor.kick(session)
+        self.slider.kick(session)
         return session.version
 
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
@@ -344,6 +426,8 @@ class StatefulEngine:
             if s.state is not SessionState.ACTIVE
             or s.residency is not None
             or (s.ingest_task is not None and not s.ingest_task.done())
+            or s.window is not None
+            or s.retiring
         }  # fmt: skip
         report = await self.rpc.control("probe-" + uuid.uuid4().hex, Op.PROBE)
         assert report.pins is not None, "the connector did not report its pins"

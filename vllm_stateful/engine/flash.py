@@ -196,6 +196,8 @@ class FlashBook:
             if (
                 cached is None
                 or cached.version < min_version
+                # On a version a slide dropped: its context is gone.
+                or cached.version < session.first_version
                 or fq.token_ids != question
                 or params_key(fq.params) != key
             ):
@@ -211,7 +213,7 @@ class FlashBook:
                 text=cached.text,
                 token_ids=list(cached.token_ids),
                 version=cached.version,
-                prompt_tokens=session.lengths[cached.version] + len(question),
+                prompt_tokens=session.length_at(cached.version) + len(question),
                 computed_tokens=0,
                 finish_reason=cached.finish_reason,
                 flash=True,

@@ -7,6 +7,10 @@ piled up meanwhile; it computes only those tokens (the prefix cache and the
 connector's tail copy supply the rest), and the connector pins its prompt
 when it finishes. Chunk ends are internal: ``ingested_version`` only moves to
 real versions, the largest whose length is pinned.
+
+A session's loop ingests its own log (up to ``log_version``); while a slide
+builds the next window, the window is a session of its own with its own loop
+(``engine/slide.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class Ingestor:
             session.ingest_task = asyncio.create_task(self._loop(session))
 
     async def _loop(self, session: Session) -> None:
-        while not session.closed and session.ingested_version < session.version:
+        while not session.closed and session.ingested_version < session.log_version:
             # A retry is starting: waiters must see this attempt, not the
             # previous one's failure.
             session.ingest_error = None
@@ -98,8 +102,9 @@ class Ingestor:
         """Move ``ingested_version`` to the newest version now fully
         ingested, if any; one ``ingested`` event for it."""
         # lengths is strictly increasing (appends are never empty).
-        version = bisect.bisect_right(session.lengths, session.ingested_tokens) - 1
-        if version <= session.ingested_version:
+        index = bisect.bisect_right(session.lengths, session.ingested_tokens) - 1
+        version = session.first_version + index
+        if index < 0 or version <= session.ingested_version:
             return
         now = time.monotonic()
         lag_s = 0.0
@@ -112,7 +117,7 @@ class Ingestor:
         async with session.changed:
             session.changed.notify_all()
         session.publish(SessionEvent("ingested", version, {
-            "tokens": session.lengths[version],
+            "tokens": session.lengths[index],
             "lag_s": lag_s,  # from the oldest append this covers to now
             "backlog_tokens": session.backlog_tokens,
             "rate_tps": session.ingest_rate_tps,

@@ -57,6 +57,7 @@ class Journal:
             ttl_s=session.ttl_s, created_at=session.created_at,
             last_used=wall_clock(session.last_used), tokens=session.tokens,
             lengths=session.lengths, flash=[stored_flash(fq) for fq in session.flash.values()],
+            overflow=session.overflow, max_tokens=session.max_tokens,
         ))  # fmt: skip
 
     def appended(self, session: Session, version: int, tokens: list[int]) -> asyncio.Future:
@@ -64,6 +65,15 @@ class Journal:
             return _done()
         session.journaled_last_used = session.last_used
         return self.store.append(session.id, version, tokens, wall_clock(session.last_used))
+
+    def slid(self, session: Session) -> asyncio.Future:
+        """Rewrite the session's log for its window (engine/slide.py): a
+        restart restores the window, not the dropped appends."""
+        if self.store is None:
+            return _done()
+        return self.store.slid(
+            session.id, session.key, session.first_version, session.dropped_tokens, session.slides
+        )
 
     def flash_registered(self, session: Session, fq: FlashQuery) -> asyncio.Future:
         if self.store is None:

@@ -98,7 +98,8 @@ class Querier:
                 raise not_ready(session, self.rate_tps())
             await self.wait_ingested(session_id, target)
         version = session.ingested_version
-        prompt_ids = session.tokens_at(version) + question
+        # Read together: a slide swaps log and key at once (engine/slide.py).
+        prompt_ids, key = session.tokens_at(version) + question, session.key
         self.registry.check_fits(session_id, len(prompt_ids))
         params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         session.touch()
@@ -117,7 +118,7 @@ class Querier:
             await self.residency.bring_back(session)
         metrics.QUERIES.labels("engine").inc()
         self.flash.scheduler.preempt()
-        async for out in self.rpc.generate(session.key, prompt_ids, params, Op.QUERY):
+        async for out in self.rpc.generate(key, prompt_ids, params, Op.QUERY):
             result = _result(out, version, prompt_ids)
             if result.finish_reason is not None:
                 metrics.QUERY_COMPUTED_TOKENS.inc(result.computed_tokens)

@@ -50,7 +50,9 @@ class _Tally:
 
 def _in_flight(session: Session) -> bool:
     ingesting = session.ingest_task is not None and not session.ingest_task.done()
-    return ingesting or session.state in (SessionState.CREATING, SessionState.CLOSING)
+    # A slide in flight: a window being built or a retired key not yet closed.
+    sliding = session.window is not None or bool(session.retiring)
+    return ingesting or sliding or session.state in (SessionState.CREATING, SessionState.CLOSING)
 
 
 def reconcile(
@@ -67,6 +69,10 @@ def reconcile(
     known: set[str] = set()
     for s in sessions:
         known.add(s.key)
+        # A slide's other keys (engine/slide.py) are the session's pins too.
+        known.update(s.retiring)
+        if s.window is not None:
+            known.add(s.window.key)
         engine_tokens = engine_pins.get(s.key, 0)
         if s.key in busy_keys or _in_flight(s):
             tally.skipped += 1

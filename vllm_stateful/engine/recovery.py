@@ -11,6 +11,7 @@ id is known from the start: a question waits for its stored versions
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from vllm import SamplingParams
 from vllm.logger import init_logger
 
 from vllm_stateful.engine.session import Session, SessionState
+from vllm_stateful.engine.window import model_limit, plan_window
 from vllm_stateful.errors import StatefulError
 from vllm_stateful.store import StoredSession
 
@@ -50,7 +52,9 @@ def plan(engine: StatefulEngine, stored: list[StoredSession]) -> RestorePlan:
             out.expired.append(rec.id)
             engine.journal.store.delete(rec.id)
             continue
+        limit = rec.max_tokens if rec.max_tokens is not None else model_limit(engine.max_model_len)
         try:
+            rec, slid = _window(rec, limit)
             engine.registry.check_new(rec.id, len(rec.tokens), rec.ttl_s, rec.tenant)
             flash = [
                 engine.flash.make(f.prompt, SamplingParams(**f.sampling), f.id, f.only_changed,
@@ -65,13 +69,32 @@ def plan(engine: StatefulEngine, stored: list[StoredSession]) -> RestorePlan:
             tokens=list(rec.tokens), lengths=list(rec.lengths), ttl_s=rec.ttl_s,
             tenant=rec.tenant, created_at=rec.created_at, last_used=now - idle_s,
             state=SessionState.RESTORING, ready_version=rec.version,
-            max_event_queue=engine.config.max_event_queue,
+            max_event_queue=engine.config.max_event_queue, overflow=rec.overflow,
+            max_tokens=rec.max_tokens, limit=limit, first_version=rec.first_version,
+            prefix_len=rec.prefix_len if rec.prefix_len is not None else -1,
+            dropped_tokens=rec.dropped_tokens, slides=rec.slides,
         )  # fmt: skip
+        if slid:
+            engine.journal.slid(session)
         session.journaled_last_used = session.last_used
         session.flash = {fq.id: fq for fq in flash}
         engine.registry.add(session)
         out.restoring.append(session)
     return out
+
+
+def _window(rec: StoredSession, limit: int) -> tuple[StoredSession, bool]:
+    """A ``slide`` session stored past its limit (the server stopped while
+    its window was being built) comes back as that window; True if so."""
+    if rec.overflow != "slide" or len(rec.tokens) <= limit:
+        return rec, False
+    prefix_len = rec.prefix_len if rec.prefix_len is not None else rec.lengths[0]
+    plan = plan_window(prefix_len, rec.tokens, rec.lengths, rec.first_version, limit)
+    return dataclasses.replace(
+        rec, tokens=plan.tokens, lengths=plan.lengths, first_version=plan.first_version,
+        prefix_len=prefix_len, dropped_tokens=rec.dropped_tokens + plan.dropped_tokens,
+        slides=rec.slides + 1,
+    ), True  # fmt: skip
 
 
 async def rebuild(engine: StatefulEngine, sessions: list[Session]) -> None:

@@ -93,9 +93,14 @@ class SessionRegistry:
                 )
         self.check_grow(session_id, num_tokens, tenant)
 
-    def check_grow(self, session_id: str, num_tokens: int, tenant: str | None = None) -> None:
+    def check_grow(
+        self, session_id: str, num_tokens: int, tenant: str | None = None,
+        keeping: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
         """May ``session_id`` hold ``num_tokens`` tokens? Raises if not.
-        ``tenant``: the new session's (default: the existing session's)."""
+        ``tenant``: the new session's (default: the existing session's).
+        ``keeping``: sizes of other logs the session pins meanwhile (a slide
+        keeps the previous log while it builds the window), budgeted too."""
         self.check_fits(session_id, num_tokens)
         me = self.sessions.get(session_id)
         if tenant is None:
@@ -103,10 +108,10 @@ class SessionRegistry:
         cap = self.config.tenant_max_tokens
         if cap is not None:
             theirs = self.budget.used(
-                len(s.tokens) for s in self.budgeted()
-                if s is not me and s.tenant == tenant and not s.offloaded
+                n for s in self.budgeted() if s is not me and s.tenant == tenant
+                for n in s.resident_sizes()
             )  # fmt: skip
-            need = self.budget.cost(num_tokens)
+            need = self.budget.cost(num_tokens) + self.budget.used(keeping)
             if theirs + need > cap:
                 raise TenantLimitError(
                     f"tenant '{tenant}' would pin {theirs + need} KV tokens (session "
@@ -115,9 +120,9 @@ class SessionRegistry:
                 )
         # Offloaded sessions hold no KV in the pool (engine/residency.py).
         others = self.budget.used(
-            len(s.tokens) for s in self.budgeted() if s is not me and not s.offloaded
+            n for s in self.budgeted() if s is not me for n in s.resident_sizes()
         )
-        self.budget.check(others, num_tokens, session_id)
+        self.budget.check(others + self.budget.used(keeping), num_tokens, session_id)
 
     def budgeted(self) -> Iterator[Session]:
         """Every session that counts against the budget: open ones, and
@@ -131,6 +136,15 @@ class SessionRegistry:
             raise ContextLengthError(
                 f"session '{session_id}' would hold {num_tokens} tokens; the model's "
                 f"context window (max_model_len) is {self.max_model_len}"
+            )
+
+    def check_limit(self, session: Session, num_tokens: int) -> None:
+        """A session with ``overflow="reject"`` and its own ``max_tokens``
+        may not hold more (the model's limit is ``check_fits``)."""
+        if session.max_tokens is not None and num_tokens > session.max_tokens:
+            raise ContextLengthError(
+                f"session '{session.id}' would hold {num_tokens} tokens; its max_tokens is "
+                f"{session.max_tokens} (overflow 'reject')"
             )
 
     def flash_count(self) -> int:
@@ -192,16 +206,28 @@ class SessionRegistry:
         return session.release_task
 
     async def _release(self, session: Session, forgotten: asyncio.Future | None = None) -> None:
-        ingest = session.ingest_task
-        if ingest is not None and not ingest.done():
-            # Abort its engine request before CLOSE is sent, so no append of
-            # this session is still running when the pin is dropped (the
-            # connector also refuses to pin a key closed meanwhile).
-            ingest.cancel()
-            await asyncio.wait({ingest}, timeout=STOP_INGEST_S)
+        # A slide in flight stops first (it never swaps an ending session),
+        # then every ingestion: the session's and the window's.
+        window = session.window
+        for task in (session.slide_task, session.ingest_task, window and window.ingest_task):
+            if task is not None and not task.done():
+                # Abort its engine request before CLOSE is sent, so no append
+                # of this session is still running when the pin is dropped
+                # (the connector also refuses to pin a key closed meanwhile).
+                task.cancel()
+                await asyncio.wait({task}, timeout=STOP_INGEST_S)
         async with session.changed:
             session.changed.notify_all()  # waiters see the session ending
-        released = await self._send_close(session)
+        released = await self.send_close(session, session.key)
+        # A window being built and keys a slide retired hold pins too.
+        extra = ([window.key] if window is not None else []) + list(session.retiring)
+        for key in extra:
+            if await self.send_close(session, key):
+                session.retiring.pop(key, None)
+                if window is not None and key == window.key:
+                    session.window = None
+            else:
+                released = False
         if forgotten is not None:
             # Deleted from the store before the close returns (a failure is
             # logged by the store; the session is then restored on restart).
@@ -227,14 +253,14 @@ class SessionRegistry:
             session.publish(SessionEvent(kind, session.version, {"reason": reason}))
             session.subscribers.clear()
 
-    async def _send_close(self, session: Session) -> bool:
-        """CLOSE, retried; True once the engine acknowledged it (the pin is
-        gone)."""
+    async def send_close(self, session: Session, key: str) -> bool:
+        """CLOSE ``key`` (the session's, or one a slide retired), retried;
+        True once the engine acknowledged it (the pin is gone)."""
         for attempt, delay in enumerate((0.0, *CLOSE_RETRY_DELAYS_S)):
             if delay:
                 await asyncio.sleep(delay)
             try:
-                report = await self.rpc.control(session.key, Op.CLOSE)
+                report = await self.rpc.control(key, Op.CLOSE)
             except EngineDeadError:
                 return False  # the pins died with the engine; nothing to retry
             except Exception as exc:  # noqa: BLE001 - retried, then reported

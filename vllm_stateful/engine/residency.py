@@ -36,6 +36,8 @@ def movable(session: Session) -> bool:
         and session.residency is None
         and (session.ingest_task is None or session.ingest_task.done())
         and session.ingested_version == session.version
+        and session.window is None  # a slide holds two logs: it finishes first
+        and not session.retiring
         and session.pinned_tokens > 0
     )
 
@@ -52,7 +54,7 @@ class Residency:
 
     def resident_tokens(self, excluding: Session | None = None) -> int:
         return self.budget.used(
-            len(s.tokens) for s in self._sessions() if s is not excluding and not s.offloaded
+            n for s in self._sessions() if s is not excluding for n in s.resident_sizes()
         )
 
     async def offload(self, session: Session) -> bool:

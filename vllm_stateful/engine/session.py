@@ -1,8 +1,11 @@
 """A session: an append-only token log with versions, and its event fan-out.
 
-Version ``v`` is the log's first ``lengths[v]`` tokens. Version 0 is the
-prefix (with the tokenizer's BOS). ``ingested_version`` is the newest version
-whose KV the engine holds pinned.
+Version ``v`` is the log's first ``lengths[v - first_version]`` tokens.
+Version 0 is the prefix (with the tokenizer's BOS). ``ingested_version`` is
+the newest version whose KV the engine holds pinned. ``first_version`` is 0
+until the session slides (``overflow="slide"``, engine/window.py): the log is
+then the prefix plus the appends from ``first_version`` on, and versions keep
+counting up (a version number is never reused).
 
 A session's life (``SessionState``)::
 
@@ -58,8 +61,9 @@ DEFAULT_MAX_EVENT_QUEUE = 1024
 
 @dataclass(frozen=True)
 class SessionEvent:
-    # "ingested" | "flash" | "closed" | "evicted" | "dropped" (the last three
-    # end a subscription; "dropped" only for the reader that fell behind)
+    # "ingested" | "flash" | "slid" | "offloaded" | "closed" | "evicted" |
+    # "dropped" (the last three end a subscription; "dropped" only for the
+    # reader that fell behind)
     type: str
     version: int
     data: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +89,13 @@ class SessionStats:
     tenant: str = "default"  # whose per-tenant caps the session counts against
     # KV out of vLLM's pool (host memory or disk); brought back on use.
     offloaded: bool = False
+    # The context-overflow policy (engine/window.py) and what it has done.
+    overflow: str = "reject"
+    max_tokens: int = 0  # the most tokens the session holds (its limit)
+    window_start_version: int = 0  # the oldest version still held (0: nothing dropped)
+    dropped_tokens: int = 0  # appended tokens dropped by slides, in total
+    slides: int = 0
+    sliding: bool = False  # the next window is being built
 
 
 # How many (version, ingested time) entries a session keeps for
@@ -148,26 +159,71 @@ class Session:
     unacked: deque = field(default_factory=deque)
     # (version, ingested at) of the versions ingested_version took, newest last.
     ingested_history: deque = field(default_factory=lambda: deque(maxlen=INGESTED_HISTORY))
+    # Context overflow (engine/window.py, engine/slide.py). ``max_tokens``:
+    # the session's own limit (None: the model's). ``first_version``: the
+    # version ``lengths[0]`` is; ``prefix_len``: the prefix's tokens (-1:
+    # ``lengths[0]``, set below).
+    overflow: str = "reject"
+    max_tokens: int | None = None
+    limit: int = 0  # the most tokens the log may hold: max_tokens, or the model's
+    first_version: int = 0
+    prefix_len: int = -1
+    dropped_tokens: int = 0
+    slides: int = 0
+    # While a slide builds the next window, its log (a session of its own
+    # under a new key, never registered): appends go there, questions still
+    # read this log. None otherwise.
+    window: Session | None = None
+    slide_task: asyncio.Task | None = None
+    # Keys a slide retired whose pins the engine has not yet released, and
+    # the tokens each holds in the pool (budgeted until the CLOSE is acked).
+    retiring: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.access_token is not None:
             self.token_hash = token_hash(self.access_token)
         if not self.lengths:
             self.lengths = [len(self.tokens)]
+        if self.prefix_len < 0:
+            assert self.first_version == 0, "a slid log names its prefix length"
+            self.prefix_len = self.lengths[0]
         self.unacked.append((self.version, time.monotonic()))
 
     @property
+    def log_version(self) -> int:
+        """The newest version of this log (the one ingested under ``key``)."""
+        return self.first_version + len(self.lengths) - 1
+
+    @property
     def version(self) -> int:
-        return len(self.lengths) - 1
+        """The newest version: a window being built holds the newest appends."""
+        return self.window.version if self.window is not None else self.log_version
+
+    def length_at(self, version: int) -> int:
+        index = version - self.first_version
+        assert 0 <= index < len(self.lengths), (version, self.first_version, len(self.lengths))
+        return self.lengths[index]
+
+    def resident_sizes(self) -> list[int]:
+        """Token counts of the KV this session holds in vLLM's pool (what
+        the budget counts): its log unless offloaded, a window being built,
+        and the logs of keys retired but not yet released."""
+        sizes = [] if self.offloaded else [len(self.tokens)]
+        if self.window is not None:
+            sizes.append(len(self.window.tokens))
+        sizes.extend(self.retiring.values())
+        return sizes
 
     @property
     def closed(self) -> bool:
         return self.closed_reason is not None
 
     def tokens_at(self, version: int) -> list[int]:
-        return self.tokens[: self.lengths[version]]
+        return self.tokens[: self.length_at(version)]
 
     def extend(self, token_ids: list[int]) -> int:
+        if self.window is not None:  # a slide is building the newest log
+            return self.window.extend(token_ids)
         self.tokens.extend(token_ids)
         self.lengths.append(len(self.tokens))
         self.unacked.append((self.version, time.monotonic()))
@@ -175,9 +231,13 @@ class Session:
 
     @property
     def backlog_tokens(self) -> int:
+        if self.window is not None:
+            return self.window.backlog_tokens
         return len(self.tokens) - self.ingested_tokens
 
     def ingest_lag_s(self, now: float | None = None) -> float:
+        if self.window is not None and not self.unacked:
+            return self.window.ingest_lag_s(now)
         if not self.unacked:
             return 0.0
         return (time.monotonic() if now is None else now) - self.unacked[0][1]
@@ -231,4 +291,10 @@ class Session:
             state=self.state.value,
             tenant=self.tenant,
             offloaded=self.offloaded,
+            overflow=self.overflow,
+            max_tokens=self.limit,
+            window_start_version=self.first_version,
+            dropped_tokens=self.dropped_tokens,
+            slides=self.slides,
+            sliding=self.window is not None,
         )

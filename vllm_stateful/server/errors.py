@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from vllm_stateful.errors import (
     AccessDeniedError,
+    AppendTooLargeError,
     BacklogFullError,
     BudgetExceededError,
     CommitConflictError,
@@ -24,6 +25,7 @@ from vllm_stateful.errors import (
     SessionExistsError,
     SessionNotFoundError,
     SessionRestoringError,
+    SlideInProgressError,
     StatefulError,
     StoreWriteError,
     TenantLimitError,
@@ -88,6 +90,8 @@ ERRORS_BY_CODE: dict[str, type[StatefulError]] = {
         SessionsUnavailableError,
         SessionRestoringError,
         StoreWriteError,
+        AppendTooLargeError,
+        SlideInProgressError,
     )
 }
 ERRORS_BY_STATUS: dict[int, type[StatefulError]] = {

@@ -29,11 +29,19 @@ class StoredSession:
     ttl_s: float | None
     created_at: float  # wall clock
     last_used: float  # wall clock: expiry keeps counting across a restart
-    # Version v is the first ``lengths[v]`` tokens, as in ``Session``.
+    # Version v is the first ``lengths[v - first_version]`` tokens, as in
+    # ``Session``; after a slide, the prefix plus the appends kept.
     tokens: list[int]
     lengths: list[int]
     flash: list[StoredFlash] = field(default_factory=list)
+    # The context-overflow policy (engine/window.py) and what it has done.
+    overflow: str = "reject"
+    max_tokens: int | None = None
+    first_version: int = 0
+    prefix_len: int | None = None  # None: lengths[0] (nothing dropped)
+    dropped_tokens: int = 0
+    slides: int = 0
 
     @property
     def version(self) -> int:
-        return len(self.lengths) - 1
+        return self.first_version + len(self.lengths) - 1

@@ -11,6 +11,13 @@ server process but not of the machine.
 
 Writes are applied in the order they were queued, so an append queued after
 a create, or a delete queued after an append, lands in that order.
+
+Each append is a row at its version; version 0 is the prefix. A slide
+(``overflow="slide"``) deletes the rows of the appends it dropped and records
+``first_version``, the oldest version kept: the log is then row 0 (the
+prefix) followed by the rows from ``first_version`` on. Columns added after
+the first release are added to an older file when it is opened
+(``_MIGRATIONS``), with defaults that mean "never slid".
 """
 
 from __future__ import annotations
@@ -48,6 +55,20 @@ CREATE TABLE IF NOT EXISTS flash (
     PRIMARY KEY (session_id, flash_id));  -- rowid: registration order
 """
 
+# Columns of ``sessions`` added since the first release: (name, declaration).
+# An older file gets them (ALTER TABLE ADD COLUMN) when it is opened.
+_MIGRATIONS = (
+    ("overflow", "TEXT NOT NULL DEFAULT 'reject'"),
+    ("max_tokens", "INTEGER"),
+    ("first_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("dropped_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("slides", "INTEGER NOT NULL DEFAULT 0"),
+)
+_COLUMNS = (
+    "id, key, token_hash, tenant, ttl_s, created_at, last_used, "
+    "overflow, max_tokens, first_version, dropped_tokens, slides"
+)
+
 Write = Callable[[sqlite3.Connection], None]
 
 
@@ -79,6 +100,7 @@ class SessionStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'os' else 'FULL'}")
             self._conn.executescript(_SCHEMA)
+            self._migrate()
             self._check_model(model)
         except BaseException:
             self._conn.close()
@@ -87,6 +109,14 @@ class SessionStore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vllm-stateful-store", daemon=True)
         self._thread.start()
+
+    def _migrate(self) -> None:
+        """Add the columns an older file lacks (existing rows get the
+        defaults: a ``reject`` session that never slid)."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(sessions)")}
+        for name, declaration in _MIGRATIONS:
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {declaration}")
 
     def _check_model(self, model: str) -> None:
         """Token ids only mean something to the model that made them."""
@@ -113,9 +143,10 @@ class SessionStore:
         for sid, spec in self._conn.execute("SELECT session_id, spec FROM flash ORDER BY rowid"):
             flash.setdefault(sid, []).append(StoredFlash(**json.loads(spec)))
         out = []
-        for sid, key, token_hash, tenant, ttl_s, created_at, last_used in self._conn.execute(
-            "SELECT id, key, token_hash, tenant, ttl_s, created_at, last_used FROM sessions"
-        ):
+        for (
+            sid, key, token_hash, tenant, ttl_s, created_at, last_used,
+            overflow, max_tokens, first_version, dropped_tokens, slides,
+        ) in self._conn.execute(f"SELECT {_COLUMNS} FROM sessions"):  # fmt: skip
             tokens: list[int] = []
             lengths: list[int] = []
             for part in appends.get(sid, []):
@@ -123,22 +154,32 @@ class SessionStore:
                 lengths.append(len(tokens))
             if not lengths:
                 continue  # cannot happen: a session is written with its prefix
+            prefix_len = None
+            if first_version > 0:
+                # Row 0 is the prefix, no longer a version of its own.
+                prefix_len = lengths.pop(0)
             out.append(StoredSession(
                 id=sid, key=key, token_hash=token_hash, tenant=tenant, ttl_s=ttl_s,
                 created_at=created_at, last_used=last_used, tokens=tokens,
-                lengths=lengths, flash=flash.get(sid, []),
+                lengths=lengths, flash=flash.get(sid, []), overflow=overflow,
+                max_tokens=max_tokens, first_version=first_version, prefix_len=prefix_len,
+                dropped_tokens=dropped_tokens, slides=slides,
             ))  # fmt: skip
         return out
 
     # ------------------------------------------------------------------- writes
 
     def create(self, s: StoredSession) -> asyncio.Future:
+        # A session is recorded before it can slide.
+        assert s.first_version == 0, "create writes a log that never slid"
+
         def write(db: sqlite3.Connection) -> None:
             _delete(db, s.id)  # a reused id starts afresh
             db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (s.id, s.key, s.token_hash, s.tenant, s.ttl_s, s.created_at, s.last_used),
-            )
+                f"INSERT INTO sessions ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                (s.id, s.key, s.token_hash, s.tenant, s.ttl_s, s.created_at, s.last_used,
+                 s.overflow, s.max_tokens, 0, s.dropped_tokens, s.slides),
+            )  # fmt: skip
             start = 0
             for version, end in enumerate(s.lengths):
                 db.execute(
@@ -154,6 +195,25 @@ class SessionStore:
         def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO appends VALUES (?, ?, ?)", (session_id, version, _pack(tokens)))
             db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (now, session_id))
+
+        return self._submit(write)
+
+    def slid(
+        self, session_id: str, key: str, first_version: int, dropped_tokens: int, slides: int
+    ) -> asyncio.Future:
+        """A slide: the appends before ``first_version`` are gone (the
+        prefix, row 0, stays), the session's key is the window's."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM appends WHERE session_id = ? AND version > 0 AND version < ?",
+                (session_id, first_version),
+            )
+            db.execute(
+                "UPDATE sessions SET key = ?, first_version = ?, dropped_tokens = ?, slides = ? "
+                "WHERE id = ?",
+                (key, first_version, dropped_tokens, slides, session_id),
+            )
 
         return self._submit(write)
 

@@ -141,8 +141,14 @@ async def _answer(
     # The context the answer will see: the ingested version unless the
     # request asks for the latest. Used to cap max_tokens; the engine checks
     # the exact length again.
-    version = session.version if body.consistency == "latest" else max(session.ingested_version, 0)
-    prompt_len = session.lengths[version] + len(question)
+    if body.consistency == "latest":
+        # A window being built holds the newest version (engine/slide.py).
+        log = session.window or session
+        prompt_len = len(log.tokens) + len(question)
+    elif session.ingested_version < session.first_version:  # not yet ingested
+        prompt_len = session.lengths[0] + len(question)
+    else:
+        prompt_len = session.length_at(session.ingested_version) + len(question)
     max_tokens = resolve_max_tokens(
         body.max_tokens,
         prompt_len,

@@ -78,6 +78,8 @@ async def create_session(request: Request) -> Response:
             body.ttl_s,
             flash,
             tenant=_tenant(st, request),
+            overflow=body.overflow,
+            max_tokens=body.max_tokens,
         ),
     )
     out = CreateSessionResponse(

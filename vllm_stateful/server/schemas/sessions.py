@@ -20,6 +20,12 @@ class CreateSessionRequest(Strict):
     ttl_s: float | None = Field(default=None, gt=0)
     # Flash queries registered with the session, atomically.
     flash: list[FlashRequest] = Field(default_factory=list)
+    # What an append past the session's limit does: "reject" (413) or
+    # "slide" (the oldest appends are dropped; the prefix is kept). Checked
+    # by the engine, which names the allowed values.
+    overflow: str = "reject"
+    # The most tokens the session holds (default: the model's max_model_len - 1).
+    max_tokens: int | None = None
 
 
 class CreateSessionResponse(Open):
@@ -50,6 +56,12 @@ class SessionStats(Open):
     tenant: str = "default"  # from the tenant header at create (config tenant_header)
     replica: str | None = None  # the replica holding it when scaled out (vllm_stateful.scale)
     offloaded: bool = False  # KV out of the pool (host memory or disk); back on use
+    overflow: str = "reject"  # reject | slide: what an append past max_tokens does
+    max_tokens: int = 0  # the most tokens the session holds
+    window_start_version: int = 0  # oldest version still held; 0 until a slide
+    dropped_tokens: int = 0  # appended tokens dropped by slides, in total
+    slides: int = 0
+    sliding: bool = False  # the next window is being built (questions read the previous one)
 
 
 class SessionList(Open):
@@ -90,7 +102,7 @@ class CloseResponse(Open):
 class SessionEvent(Open):
     """One server-sent event of ``GET /v1/sessions/{id}/events``."""
 
-    type: str  # "ingested" | "flash" | "offloaded" | "closed" | "evicted" | "dropped"
+    type: str  # "ingested" | "flash" | "slid" | "offloaded" | "closed" | "evicted" | "dropped"
     session_id: str
     version: int
     data: dict[str, Any] = Field(default_factory=dict)

@@ -19,6 +19,10 @@ os.environ["VLLM_STATEFUL_MIN_INGEST_TOKENS"] = str(INGEST_STEP_TOKENS)
 os.environ["VLLM_STATEFUL_FOREGROUND_SLACK"] = "0"
 os.environ["VLLM_STATEFUL_IDLE_STEP_FACTOR"] = "0"
 os.environ["VLLM_STATEFUL_ACTIVE_STEP_FACTOR"] = "0"
+# Chunked ingestion exercised at the tiny model's context sizes (the shared
+# engines below, and test servers through the environment).
+INGEST_CHUNK_TOKENS = 256
+os.environ["VLLM_STATEFUL_INGEST_CHUNK_TOKENS"] = str(INGEST_CHUNK_TOKENS)
 
 import pytest
 import pytest_asyncio
@@ -55,7 +59,7 @@ async def stateful(tiny_model_path):
         # Offload off: these engines' tests assert admission exactly (a
         # create past the budget is refused); tests/test_offload.py gives
         # offload its own session API over the shared engine.
-        StatefulConfig(budget_fraction=0.5, offload=False),
+        StatefulConfig(budget_fraction=0.5, offload=False, ingest_chunk_tokens=INGEST_CHUNK_TOKENS),
     )
     yield engine
     engine.shutdown()
@@ -107,7 +111,7 @@ async def stateful_spec(tiny_model_path):
         # Offload off: these engines' tests assert admission exactly (a
         # create past the budget is refused); tests/test_offload.py gives
         # offload its own session API over the shared engine.
-        StatefulConfig(budget_fraction=0.5, offload=False),
+        StatefulConfig(budget_fraction=0.5, offload=False, ingest_chunk_tokens=INGEST_CHUNK_TOKENS),
     )
     engine.spec_decode_totals = totals
     yield engine

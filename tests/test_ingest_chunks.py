@@ -16,7 +16,7 @@ from vllm_stateful.protocol import Op
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-CHUNK = 256  # StatefulConfig's default, which the shared engine uses
+CHUNK = 256  # what tests/conftest.py sets for the shared engine
 
 
 def lag_count() -> float:

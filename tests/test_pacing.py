@@ -58,3 +58,31 @@ def test_fit_follows_a_growing_context():
     for p, d in MIXED * 10:  # the context grew: prompt tokens cost twice as much
         model.observe(FIXED + PER_DECODE * d + 2 * PER_TOKEN * p, p, d)
     assert model.per_token_s == pytest.approx(2 * PER_TOKEN, rel=0.01)
+
+
+def test_only_questions_make_ingestion_steps_short():
+    # The scheduler shortens ingestion steps for a while after a question
+    # (kv/scheduler.py `_foreground_seen`); control requests are foreground
+    # but not questions, so a feed that closes or probes sessions keeps its
+    # full-speed steps. Classified on vLLM's own Request objects.
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from vllm_stateful.kv.scheduler import Lane, is_question, lane_of
+    from vllm_stateful.protocol import Op, RequestTag
+
+    def request(op: Op | None) -> Request:
+        extra = None if op is None else RequestTag("s", op).to_extra_args()
+        return Request("r", [1, 2, 3], SamplingParams(max_tokens=1, extra_args=extra), None)
+
+    questions = {op: is_question(request(op)) for op in Op}
+    assert questions == {
+        Op.APPEND: False, Op.QUERY: True, Op.FLASH: False,
+        Op.CLOSE: False, Op.PROBE: False, Op.OFFLOAD: False,
+    }  # fmt: skip
+    assert is_question(request(None))  # stateless OpenAI traffic
+    lanes = {op: lane_of(request(op)) for op in Op}
+    assert lanes == {
+        Op.APPEND: Lane.INGEST, Op.QUERY: Lane.FOREGROUND, Op.FLASH: Lane.FLASH,
+        Op.CLOSE: Lane.FOREGROUND, Op.PROBE: Lane.FOREGROUND, Op.OFFLOAD: Lane.FOREGROUND,
+    }  # fmt: skip

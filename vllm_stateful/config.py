@@ -30,10 +30,13 @@ class StatefulConfig:
     max_flash_per_session: int = 16
     max_flash_total: int = 256
     flash_concurrency: int = 4
-    # Ingestion sends at most this many new tokens per engine request, so a
-    # large append never holds the engine for one long prefill and each
-    # finished chunk is pinned (progress survives a later failure).
-    ingest_chunk_tokens: int = 256
+    # Ingestion sends at most this many new tokens per engine request; each
+    # finished chunk is pinned (progress survives a later failure). How long
+    # a question waits is bounded per step by the engine-side scheduler, not
+    # by this; smaller chunks cost throughput (each request pays its own
+    # tail copy, prefix lookup and a step boundary: 256-token chunks ingested
+    # a 1,024-token burst 8% slower than 1,024-token ones, SmolLM2 float32).
+    ingest_chunk_tokens: int = 1024
     # Appended-but-not-ingested tokens allowed per session and over all
     # sessions; past either bound an append is refused (429), not queued
     # without limit.

@@ -1,6 +1,6 @@
 """On a real ``vllm-stateful serve``: the lag and rate fields of stats and
 ``ingested`` events, the live-stream metrics, and chunked ingestion's exact
-counts (default ``ingest_chunk_tokens`` 256)."""
+counts (``ingest_chunk_tokens`` 256, set for the tests in tests/conftest.py)."""
 
 from __future__ import annotations
 

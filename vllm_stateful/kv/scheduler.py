@@ -72,10 +72,24 @@ class Lane(enum.IntEnum):
 _LANE_OF_OP = {Op.APPEND: Lane.INGEST, Op.FLASH: Lane.FLASH}
 
 
-def lane_of(request: Request) -> Lane:
+def _tag(request: Request) -> RequestTag | None:
     params = request.sampling_params
-    tag = None if params is None else RequestTag.from_extra_args(params.extra_args)
+    return None if params is None else RequestTag.from_extra_args(params.extra_args)
+
+
+def lane_of(request: Request) -> Lane:
+    tag = _tag(request)
     return Lane.FOREGROUND if tag is None else _LANE_OF_OP.get(tag.op, Lane.FOREGROUND)
+
+
+def is_question(request: Request) -> bool:
+    """A session question, or any request that is not the plugin's. Control
+    requests (close, probe, offload) are foreground for ordering (one token
+    someone waits for) but not questions: they must not make the scheduler
+    pace ingestion as if questions were coming, or a feed that closes or
+    probes sessions would ingest in short steps for ``active_window_s``."""
+    tag = _tag(request)
+    return tag is None or tag.op is Op.QUERY
 
 
 @dataclass
@@ -188,7 +202,7 @@ class StatefulScheduler(Scheduler):
         lanes.update((r.request_id, lane_of(r)) for r in waiting)
         foreground = any(lane is Lane.FOREGROUND for lane in lanes.values())
         now = time.monotonic()
-        if foreground:
+        if foreground and any(map(is_question, (*self.running, *waiting))):
             self._foreground_seen = now
         # Flash work passed over too often goes first once, so it always
         # progresses even beside a steady stream of questions.

@@ -10,6 +10,7 @@ comments give the arithmetic), not from the code under test.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 
@@ -19,9 +20,14 @@ from conftest import BLOCK_SIZE, MAX_MODEL_LEN
 from helpers import RpcFaults, greedy, reference, session_api, until
 from test_lifecycle import baseline, drain, settled
 from vllm_stateful.engine.session import SessionState
-from vllm_stateful.errors import AppendTooLargeError, ContextLengthError, InvalidInputError
+from vllm_stateful.errors import (
+    AppendTooLargeError,
+    ContextLengthError,
+    InvalidInputError,
+    SlideInProgressError,
+)
 from vllm_stateful.protocol import Op
-from vllm_stateful.store import SessionStore
+from vllm_stateful.store import SessionStore, StoredSession
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -44,6 +50,8 @@ async def test_slide_keeps_prefix_and_newest_appends_and_matches_stock(engine, s
     question = tokens(99, 7)
     session = await engine.create_session(prefix, overflow="slide", max_tokens=LIMIT)
     events = engine.subscribe(session.id)
+    flash_q = tokens(98, 3)
+    await engine.register_flash(session.id, flash_q, greedy(), flash_id="f")
     for v in (1, 2, 3):  # 20 + 50 + 60 + 40 = 170 <= 200: no slide
         assert await engine.append(session.id, a[v]) == v
     await engine.wait_ingested(session.id)
@@ -61,6 +69,11 @@ async def test_slide_keeps_prefix_and_newest_appends_and_matches_stock(engine, s
     assert st.sliding is False
     assert session.tokens == window
     assert session.tokens_at(3) == prefix + a[3]
+    # Flash answers are evaluated again on the window.
+    await until(lambda: "f" in session.flash_results and session.flash_results["f"].version == 4)
+    assert session.flash_results["f"].token_ids == await reference(stock, window + flash_q)
+    hit = await engine.query(session.id, flash_q, greedy())
+    assert (hit.flash, hit.version, hit.prompt_tokens) == (True, 4, 130 + 3)
     answer = await engine.query(session.id, question, greedy())
     assert answer.version == 4
     assert answer.token_ids == await reference(stock, window + question)
@@ -119,7 +132,7 @@ async def test_questions_during_the_rebuild_read_the_previous_version(engine, st
     # 166 + 80 = 246 > 200. 16 + 80 = 96, + second (60) = 156 > 150: the
     # window is prefix + big, version 3.
     assert await engine.append(session.id, big) == 3
-    await faults.arrived.wait()
+    await asyncio.wait_for(faults.arrived.wait(), 60)
     window_key = session.window.key
     assert window_key != old_key and faults.calls[-1] == (window_key, Op.APPEND)
     st = engine.get_session(session.id)
@@ -137,19 +150,63 @@ async def test_questions_during_the_rebuild_read_the_previous_version(engine, st
     check = await engine.reconcile()
     assert check.agree and check.skipped == 1, check.details
 
+    # Appends meanwhile go to the window: 96 + 10 = 106 fits (version 4);
+    # 106 + 95 = 201 would overflow it before it is even in place.
+    small = tokens(15, 10)
+    assert await engine.append(session.id, small) == 4
+    with pytest.raises(SlideInProgressError, match="limit of 200 tokens"):
+        await engine.append(session.id, tokens(16, 95))
+    assert engine.get_session(session.id).version == 4
+
     faults.gate.set()
-    assert await engine.wait_ingested(session.id, 3) == 3
+    assert await engine.wait_ingested(session.id, 3) >= 3
     assert session.key == window_key
-    answer = await engine.query(session.id, question, greedy())
-    assert answer.version == 3
-    assert answer.token_ids == await reference(stock, prefix + big + question)
+    answer = await engine.query(session.id, question, greedy(), consistency="latest")
+    assert answer.version == 4
+    assert answer.token_ids == await reference(stock, prefix + big + small + question)
     st = engine.get_session(session.id)
     assert (st.window_start_version, st.dropped_tokens, st.slides, st.sliding) == (3, 150, 1, False)
     await until(lambda: not session.retiring)
     check = await engine.reconcile()
     assert check.agree and check.skipped == 0, check.details
-    assert check.engine_pins == 1 and check.api_pinned_tokens == 96
+    assert check.engine_pins == 1 and check.api_pinned_tokens == 106
     await engine.close_session(session.id)
+    await settled(engine, free)
+
+
+class HoldLongAppends(RpcFaults):
+    """Holds ingest requests whose prompt passes ``tokens`` at the gate:
+    the window's first chunk is pinned, its second waits."""
+
+    def __init__(self, engine, tokens: int):
+        super().__init__(engine)
+        self.tokens = tokens
+
+    def generate(self, key, prompt_ids, params, op):
+        self.hold_op = Op.APPEND if op is Op.APPEND and len(prompt_ids) > self.tokens else None
+        return super().generate(key, prompt_ids, params, op)
+
+
+async def test_close_during_the_rebuild_releases_both_pins(engine, monkeypatch):
+    free = await baseline(engine)
+    chunk = engine.config.ingest_chunk_tokens
+    assert chunk == 256  # the shared engines' chunk (conftest): the window takes two
+    session = await engine.create_session(tokens(40, 40), overflow="slide", max_tokens=600)
+    await engine.append(session.id, tokens(41, 400))
+    await engine.wait_ingested(session.id, 1)  # 440 pinned (two chunks)
+    faults = HoldLongAppends(engine, chunk)
+    monkeypatch.setattr(engine.rpc, "generate", faults.generate)
+    # 440 + 300 = 740 > 600: 40 + 300 = 340, + 400 > 450 (3/4 of 600): the
+    # window is the prefix + this append, ingested as 256 + 84 tokens.
+    assert await engine.append(session.id, tokens(42, 300)) == 2
+    await asyncio.wait_for(faults.arrived.wait(), 60)
+    window = session.window
+    assert window.pinned_tokens == chunk and window.key != session.key
+    kv = await engine.kv_stats()
+    assert kv.pinned_blocks == blocks(440) + blocks(chunk)  # both pins: 14 + 8
+    await engine.close_session(session.id)
+    assert session.state is SessionState.CLOSED and session.window is None
+    assert not session.retiring
     await settled(engine, free)
 
 
@@ -235,6 +292,39 @@ async def test_a_slid_session_comes_back_after_a_restart(engine, stock, tmp_path
         assert await second.append("s", [7, 7, 7]) == 5
         st = second.get_session("s")
         assert (st.window_start_version, st.dropped_tokens, st.version) == (2, 80, 5)
+
+
+async def test_a_session_stored_past_its_limit_comes_back_as_its_window(engine, stock, tmp_path):
+    """The server stopped while a window was being built: the store holds
+    the whole log, the overflowing append included. It comes back slid."""
+    path = tmp_path / "sessions.sqlite3"
+    prefix, a1, a2, a3 = tokens(30, 10), tokens(31, 100), tokens(32, 60), tokens(33, 70)
+    log = prefix + a1 + a2 + a3  # 240 > 200
+    store = SessionStore(path, model=engine.engine.vllm_config.model_config.model)
+    await store.create(StoredSession(
+        id="mid", key="k-mid", token_hash="h", tenant="default", ttl_s=None, created_at=1.0,
+        last_used=2.0, tokens=log, lengths=[10, 110, 170, 240], overflow="slide", max_tokens=LIMIT,
+    ))  # fmt: skip
+    store.close()
+    # 10 + 70 = 80, + a2 (60) = 140, + a1 (100) = 240 > 150: a2 and a3 kept.
+    async with session_api(engine, store=str(path), offload=False) as server:
+        await server.restore()
+        question = tokens(34, 4)
+        answer = await server.query("mid", question, greedy())
+        s = server.sessions["mid"]
+        assert (s.tokens, s.lengths, s.first_version) == (prefix + a2 + a3, [70, 140], 2)
+        assert (s.dropped_tokens, s.slides, answer.version) == (100, 1, 3)
+        assert answer.token_ids == await reference(stock, prefix + a2 + a3 + question)
+        await server.journal.store.touch({})  # writes land in order: the slide's is in
+    store = SessionStore(path, model=engine.engine.vllm_config.model_config.model)
+    try:
+        [rec] = store.load()
+        assert (rec.tokens, rec.lengths, rec.first_version, rec.prefix_len) == (
+            prefix + a2 + a3, [70, 140], 2, 10,
+        )
+        assert (rec.dropped_tokens, rec.slides, rec.version) == (100, 1, 3)
+    finally:
+        store.close()
 
 
 async def test_an_older_store_file_gains_the_new_columns(tmp_path):

@@ -231,7 +231,8 @@ class FlashBook:
 
     async def _evaluate(self, session: Session, fq: FlashQuery) -> None:
         version = session.ingested_version
-        prompt_ids = session.tokens_at(version) + fq.token_ids
+        # Read together: a slide swaps log and key at once (engine/slide.py).
+        prompt_ids, key = session.tokens_at(version) + fq.token_ids, session.key
         # ``is``, not ``in``: a flash id dropped and registered again names
         # another question; this evaluation belongs to the old one.
         if (
@@ -248,7 +249,7 @@ class FlashBook:
         params.logprobs = 0  # the sampled token's logprob, for the confidence
         self._inflight += 1
         try:
-            out = await self.rpc.final(session.key, prompt_ids, params, Op.FLASH)
+            out = await self.rpc.final(key, prompt_ids, params, Op.FLASH)
         except Exception:
             return  # the next version retries; foreground paths report errors
         finally:
@@ -262,6 +263,8 @@ class FlashBook:
             previous is not None and previous.version >= version
         ):
             return
+        if session.key != key:
+            return  # the session slid meanwhile: this context is no longer its own
         result = FlashResult(
             flash_id=fq.id,
             version=version,

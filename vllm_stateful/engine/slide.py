@@ -152,6 +152,10 @@ class Slider:
         now = time.monotonic()
         session.ingested_version = window.ingested_version
         session.ingested_history.append((session.ingested_version, now))
+        # Flash answers so far read the previous log, whose versions the
+        # window numbers differently (or not at all): none is served after
+        # the swap; they are evaluated again on the window (``on_swapped``).
+        session.flash_results.clear()
         session.publish(SessionEvent("slid", session.ingested_version, {
             "window_start_version": session.first_version,
             "tokens": len(session.tokens),

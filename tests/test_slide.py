@@ -22,7 +22,9 @@ from test_lifecycle import baseline, drain, settled
 from vllm_stateful.engine.session import SessionState
 from vllm_stateful.errors import (
     AppendTooLargeError,
+    BudgetExceededError,
     ContextLengthError,
+    IngestionFailedError,
     InvalidInputError,
     SlideInProgressError,
 )
@@ -107,6 +109,10 @@ async def test_slide_keeps_prefix_and_newest_appends_and_matches_stock(engine, s
 
     # The slide's CLOSE of the old key is acknowledged after the swap.
     await until(lambda: not session.retiring)
+    # The flash query's last evaluation (on version 6) holds blocks while it
+    # runs: let it finish before comparing the pool with the baseline.
+    await until(lambda: session.flash_results.get("f") and session.flash_results["f"].version == 6)
+    await until(lambda: engine.rpc.unfinished() == 0)
     check = await engine.reconcile()
     assert check.agree, check.details
     assert (check.engine_pins, check.api_pinned_tokens, check.skipped) == (1, 100, 0)
@@ -208,6 +214,48 @@ async def test_close_during_the_rebuild_releases_both_pins(engine, monkeypatch):
     assert session.state is SessionState.CLOSED and session.window is None
     assert not session.retiring
     await settled(engine, free)
+
+
+async def test_a_failed_window_ingest_is_reported_and_retried(engine, stock, monkeypatch):
+    free = await baseline(engine)
+    prefix, first, big, question = tokens(50, 20), tokens(51, 150), tokens(52, 60), tokens(53, 4)
+    session = await engine.create_session(prefix, overflow="slide", max_tokens=LIMIT)
+    await engine.append(session.id, first)
+    await engine.wait_ingested(session.id, 1)
+    old_key = session.key
+    faults = RpcFaults(engine)
+    monkeypatch.setattr(engine.rpc, "generate", faults.generate)
+    faults.fail = lambda key, prompt, op: op is Op.APPEND and key != old_key
+    # 170 + 60 = 230 > 200: the window is prefix + big (80 <= 150; + 150 > 150).
+    assert await engine.append(session.id, big) == 2
+    with pytest.raises(IngestionFailedError, match="injected failure"):
+        await engine.wait_ingested(session.id, 2)
+    # The session is intact: it answers on version 1, and is still sliding.
+    answer = await engine.query(session.id, question, greedy())
+    assert answer.version == 1
+    assert answer.token_ids == await reference(stock, prefix + first + question)
+    assert engine.get_session(session.id).sliding is True
+    faults.fail = lambda key, prompt, op: False
+    assert await engine.retry_ingest(session.id) == 2
+    assert await engine.wait_ingested(session.id, 2) == 2
+    answer = await engine.query(session.id, question, greedy())
+    assert answer.token_ids == await reference(stock, prefix + big + question)
+    assert (session.first_version, session.dropped_tokens) == (2, 150)
+    await engine.close_session(session.id)
+    await settled(engine, free)
+
+
+async def test_a_slide_the_budget_cannot_hold_is_refused(engine):
+    # 15 blocks of 32: the session pins 11 (340 tokens); its window would
+    # need 5 more (140) while both exist: 16 > 15.
+    async with session_api(engine, budget_tokens=15 * BLOCK_SIZE, offload=False) as api:
+        session = await api.create_session([5] * 40, overflow="slide", max_tokens=400)
+        await api.append(session.id, [6] * 300)
+        await api.wait_ingested(session.id, 1)
+        with pytest.raises(BudgetExceededError):
+            await api.append(session.id, [7] * 100)  # 440 > 400: a slide to 140
+        assert (session.version, len(session.tokens), session.window) == (1, 340, None)
+        assert engine.budget.cost(340) == 11 * BLOCK_SIZE
 
 
 async def test_reject_refuses_as_before_and_bad_settings_are_400(engine):

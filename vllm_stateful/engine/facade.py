@@ -39,6 +39,7 @@ from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
 from vllm_stateful.engine.slide import Slider
 from vllm_stateful.engine.window import (
+    WindowPlan,
     check_max_tokens,
     check_policy,
     model_limit,
@@ -315,7 +316,7 @@ class StatefulEngine:
         session's) once ``token_ids`` are appended."""
         return len((session.window or session).tokens) + len(token_ids)
 
-    def _plan_slide(self, session: Session, token_ids: list[int]):
+    def _plan_slide(self, session: Session, token_ids: list[int]) -> WindowPlan | None:
         """The window an append to a ``slide`` session starts, or None when
         the append fits. Raises ``SlideInProgressError`` when a window is
         being built and the append would overflow it too, and

@@ -86,25 +86,3 @@ def test_only_questions_make_ingestion_steps_short():
         Op.APPEND: Lane.INGEST, Op.QUERY: Lane.FOREGROUND, Op.FLASH: Lane.FLASH,
         Op.CLOSE: Lane.FOREGROUND, Op.PROBE: Lane.FOREGROUND, Op.OFFLOAD: Lane.FOREGROUND,
     }  # fmt: skip
-
-
-def test_drain_tokens_is_the_smallest_step_that_keeps_the_horizon():
-    # While questions come, ingestion steps grow to compute what is waiting
-    # within the lag target: T tokens per step, pending / T steps of
-    # (decode step + T * per token) each.
-    model = fitted(MIXED)
-    step = FIXED + PER_DECODE  # one single-request decode step
-    horizon = 1.0
-
-    def takes(pending: int, tokens: int) -> float:
-        return pending / tokens * (step + tokens * PER_TOKEN)
-
-    for pending in (1, 50, 200, 400, 480):
-        tokens = model.drain_tokens(pending, horizon)
-        assert takes(pending, tokens) <= horizon + 1e-9, (pending, tokens)
-        assert tokens == 1 or takes(pending, tokens - 1) > horizon, (pending, tokens)
-    assert model.drain_tokens(200, horizon) == 9  # 22.2 steps of 43 ms
-    # Past what even unbounded steps could do in time: as large as allowed.
-    assert model.drain_tokens(490, horizon) == model.max_tokens
-    assert model.drain_tokens(0, horizon) == 0
-    assert StepCostModel().drain_tokens(200, horizon) == 0  # nothing fitted yet

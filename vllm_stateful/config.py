@@ -143,12 +143,6 @@ class SchedulingConfig:
     active_step_factor: float = 1.5
     idle_step_factor: float = 12.0
     active_window_s: float = 10.0
-    # While questions come, ingestion steps grow past the active factor as
-    # far as it takes to compute what is waiting within this many seconds
-    # (up to the idle factor): short steps alone cap ingestion near 60% of
-    # the engine's speed, so a feed at half of it fell further behind every
-    # minute. About the lag a feed the engine can sustain settles at.
-    ingest_lag_target_s: float = 1.0
     # Ingestion tokens a step may always carry, whatever the measurements
     # (so ingestion never stops entirely). Small: on CPU one prompt token
     # costs several percent of a decode step.
@@ -160,11 +154,8 @@ class SchedulingConfig:
     def from_env(cls) -> SchedulingConfig:
         """``VLLM_STATEFUL_FOREGROUND_SLACK``, ``VLLM_STATEFUL_IDLE_STEP_FACTOR``,
         ``VLLM_STATEFUL_ACTIVE_STEP_FACTOR``, ``VLLM_STATEFUL_ACTIVE_WINDOW_S``,
-        ``VLLM_STATEFUL_MIN_INGEST_TOKENS``, ``VLLM_STATEFUL_STARVE_STEPS``,
-        ``VLLM_STATEFUL_INGEST_LAG_TARGET_S``."""
+        ``VLLM_STATEFUL_MIN_INGEST_TOKENS``, ``VLLM_STATEFUL_STARVE_STEPS``."""
         cfg = cls()
-        if (v := _env_float("VLLM_STATEFUL_INGEST_LAG_TARGET_S")) is not None:
-            cfg.ingest_lag_target_s = v
         if (v := _env_float("VLLM_STATEFUL_FOREGROUND_SLACK")) is not None:
             cfg.foreground_slack = v
         if (v := _env_float("VLLM_STATEFUL_IDLE_STEP_FACTOR")) is not None:

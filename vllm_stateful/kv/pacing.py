@@ -23,19 +23,11 @@ Two limits come out of it:
   factor sets the trade between ingestion throughput (about
   ``factor / (1 + factor)`` of unbounded steps) and that wait. While
   questions come (``active``) the factor is small, so they barely wait;
-  after a quiet spell it is large, so a feed alone runs at full speed;
-* ``drain_tokens(pending, horizon)``: the step size that computes the
-  ``pending`` ingestion tokens within ``horizon`` seconds. Short steps pay
-  the fixed cost again and again (at 1.5 extra decode steps ingestion runs
-  near 60% of its speed), so while questions come the scheduler takes the
-  larger of this and the short step: the step grows only as far as the
-  waiting ingestion needs, and a feed the engine can sustain keeps a bounded
-  lag instead of falling behind.
+  after a quiet spell it is large, so a feed alone runs at full speed.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,19 +90,6 @@ class StepCostModel:
 
     def idle_tokens(self, active: bool = False) -> int:
         return self._tokens_for(self.active_factor if active else self.idle_factor, 1)
-
-    def drain_tokens(self, pending: int, horizon_s: float) -> int:
-        """Tokens per step so that ``pending`` prompt tokens take at most
-        ``horizon_s``: ``pending / T`` steps of ``fixed + T * per_token``
-        each. 0 before a fit or with nothing pending; ``max_tokens`` when
-        even one step could not make it."""
-        step = self.decode_step_s(1)
-        if pending <= 0 or step is None or not self.per_token_s:
-            return 0
-        room = horizon_s - pending * self.per_token_s
-        if room <= step:
-            return self.max_tokens
-        return min(self.max_tokens, max(1, math.ceil(pending * step / room - 1e-9)))
 
     def _tokens_for(self, extra_steps: float, decoding: int) -> int:
         step = self.decode_step_s(decoding)

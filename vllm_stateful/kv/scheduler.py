@@ -133,7 +133,6 @@ class StatefulScheduler(Scheduler):
         )
         self.starve_steps = cfg.starve_steps
         self.active_window_s = cfg.active_window_s
-        self.lag_target_s = cfg.ingest_lag_target_s
         self._foreground_seen = float("-inf")
         self.steps = StepLog()
         self._step_started: float | None = None
@@ -267,12 +266,6 @@ class StatefulScheduler(Scheduler):
             # while: long ones, for throughput.
             active = now - self._foreground_seen < self.active_window_s
             allowance = self.cost.idle_tokens(active)
-            if active:
-                # Short steps, but long enough to keep up with the feed.
-                ingesting = (*self.running, *waiting)
-                pending = needs([r for r in ingesting if lanes[r.request_id] is Lane.INGEST])
-                drain = self.cost.drain_tokens(pending, self.lag_target_s)
-                allowance = max(allowance, min(drain, self.cost.idle_tokens(False)))
         budget = min(needs(first) + allowance, self.max_num_scheduled_tokens)
         return hidden_running, hidden_waiting, max(1, budget)
 

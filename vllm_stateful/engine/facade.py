@@ -37,20 +37,13 @@ from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
-from vllm_stateful.engine.slide import Slider
-from vllm_stateful.engine.window import (
-    WindowPlan,
-    check_max_tokens,
-    check_policy,
-    model_limit,
-    plan_window,
-)
+from vllm_stateful.engine.slide import Slider, newest_size, pinned_besides, plan_slide
+from vllm_stateful.engine.window import check_max_tokens, check_policy, model_limit
 from vllm_stateful.errors import (
     CommitConflictError,
     IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
-    SlideInProgressError,
     StoreWriteError,
 )
 from vllm_stateful.protocol import Op
@@ -268,9 +261,9 @@ class StatefulEngine:
         if session.overflow == "slide":
             # Past its limit the append starts a slide (re-planned below,
             # after the awaits, on the log as it is then).
-            plan = self._plan_slide(session, token_ids)
-            size = len(plan.tokens) if plan is not None else self._newest_size(session, token_ids)
-            keeping = self._keeping(session, sliding=plan is not None)
+            plan = plan_slide(session, token_ids)
+            size = len(plan.tokens) if plan is not None else newest_size(session, token_ids)
+            keeping = pinned_besides(session, sliding=plan is not None)
         else:
             size, keeping = len(session.tokens) + len(token_ids), ()
             self.registry.check_limit(session, size)
@@ -287,10 +280,10 @@ class StatefulEngine:
         if session.overflow == "slide":
             # Synchronous from here to the version: the plan covers every
             # append taken before this one.
-            plan = self._plan_slide(session, token_ids)
+            plan = plan_slide(session, token_ids)
             if plan is not None:
                 self.registry.check_grow(
-                    session_id, len(plan.tokens), keeping=self._keeping(session, sliding=True)
+                    session_id, len(plan.tokens), keeping=pinned_besides(session, sliding=True)
                 )
                 version = self.slider.start(session, plan)
             else:
@@ -310,38 +303,6 @@ class StatefulEngine:
                 f"session store could not record it ({exc!r}): it would not survive a restart"
             ) from exc
         return version
-
-    def _newest_size(self, session: Session, token_ids: list[int]) -> int:
-        """Tokens of the newest log (a window being built, else the
-        session's) once ``token_ids`` are appended."""
-        return len((session.window or session).tokens) + len(token_ids)
-
-    def _plan_slide(self, session: Session, token_ids: list[int]) -> WindowPlan | None:
-        """The window an append to a ``slide`` session starts, or None when
-        the append fits. Raises ``SlideInProgressError`` when a window is
-        being built and the append would overflow it too, and
-        ``AppendTooLargeError`` when no window could ever hold it."""
-        size = self._newest_size(session, token_ids)
-        if size <= session.limit:
-            return None
-        if session.window is not None:
-            raise SlideInProgressError(
-                f"session '{session.id}' is building its next window and this append "
-                f"would pass its limit of {session.limit} tokens again; retry once the "
-                f"window is in place"
-            )
-        return plan_window(
-            session.prefix_len, session.tokens + token_ids, [*session.lengths, size],
-            session.first_version, session.limit,
-        )  # fmt: skip
-
-    @staticmethod
-    def _keeping(session: Session, sliding: bool) -> tuple[int, ...]:
-        """KV sizes the session pins besides the log that grows: keys a
-        slide retired, and the current log while a window is (or is about
-        to be) built."""
-        own = [len(session.tokens)] if (sliding or session.window) and not session.offloaded else []
-        return (*own, *session.retiring.values())
 
     async def wait_ingested(
         self, session_id: str, version: int | None = None, timeout: float | None = None

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Callable
 from vllm.logger import init_logger
 
 from vllm_stateful.engine.session import Session, SessionEvent, SessionState
-from vllm_stateful.engine.window import WindowPlan
+from vllm_stateful.engine.window import WindowPlan, plan_window
+from vllm_stateful.errors import SlideInProgressError
 
 if TYPE_CHECKING:
     from vllm_stateful.engine.ingest import Ingestor
@@ -33,6 +34,40 @@ if TYPE_CHECKING:
     from vllm_stateful.engine.registry import SessionRegistry
 
 logger = init_logger(f"vllm.{__name__}")
+
+
+def newest_size(session: Session, token_ids: list[int]) -> int:
+    """Tokens of the newest log (a window being built, else the
+    session's) once ``token_ids`` are appended."""
+    return len((session.window or session).tokens) + len(token_ids)
+
+
+def plan_slide(session: Session, token_ids: list[int]) -> WindowPlan | None:
+    """The window an append to a ``slide`` session starts, or None when
+    the append fits. Raises ``SlideInProgressError`` when a window is
+    being built and the append would overflow it too, and
+    ``AppendTooLargeError`` when no window could ever hold it."""
+    size = newest_size(session, token_ids)
+    if size <= session.limit:
+        return None
+    if session.window is not None:
+        raise SlideInProgressError(
+            f"session '{session.id}' is building its next window and this append "
+            f"would pass its limit of {session.limit} tokens again; retry once the "
+            f"window is in place"
+        )
+    return plan_window(
+        session.prefix_len, session.tokens + token_ids, [*session.lengths, size],
+        session.first_version, session.limit,
+    )  # fmt: skip
+
+
+def pinned_besides(session: Session, sliding: bool) -> tuple[int, ...]:
+    """KV sizes the session pins besides the log that grows: keys a
+    slide retired, and the current log while a window is (or is about
+    to be) built."""
+    own = [len(session.tokens)] if (sliding or session.window) and not session.offloaded else []
+    return (*own, *session.retiring.values())
 
 
 class Slider:

@@ -8,6 +8,7 @@ appends cross block boundaries often.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -67,10 +68,16 @@ async def stateful(tiny_model_path):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def engine(stateful):
-    """The shared engine; every session a test leaves open is closed after it."""
+    """The shared engine; every session a test leaves open is closed after it,
+    and the requests it left in flight (flash evaluations of a closed session,
+    say) are given time to finish, so the next test starts on a quiet pool."""
     yield stateful
     for session_id in list(stateful.sessions):
         await stateful.close_session(session_id)
+    for _ in range(3000):  # at most ~30 s; a test that leaks a request fails its own checks
+        if stateful.rpc.unfinished() == 0:
+            break
+        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

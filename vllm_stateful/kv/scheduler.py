@@ -202,7 +202,12 @@ class StatefulScheduler(Scheduler):
         lanes.update((r.request_id, lane_of(r)) for r in waiting)
         foreground = any(lane is Lane.FOREGROUND for lane in lanes.values())
         now = time.monotonic()
-        if foreground and any(map(is_question, (*self.running, *waiting))):
+        # Tags are parsed again only for foreground requests (this runs
+        # every step, over every running and waiting request).
+        if any(
+            lanes[r.request_id] is Lane.FOREGROUND and is_question(r)
+            for r in (*self.running, *waiting)
+        ):
             self._foreground_seen = now
         # Flash work passed over too often goes first once, so it always
         # progresses even beside a steady stream of questions.

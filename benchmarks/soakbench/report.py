@@ -55,8 +55,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Data: {m['data']}  ",
         f"Run: {m['started']}, {m.get('wall_s', 0) / 60:.1f} min in all; {m['parameters']}",
         "",
-        "A leak check, not a speed figure: the machine was shared with other work while it "
-        "ran, so latencies below only show that the sessions were served throughout.",
+        "A leak check, not a speed figure: latencies below only show that the sessions were "
+        "served throughout (the load is a fixed share of a capacity given or measured first).",
         "",
         "### Verdicts",
         "",

@@ -37,7 +37,7 @@ from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
-from vllm_stateful.engine.slide import Slider, newest_size, pinned_besides, plan_slide
+from vllm_stateful.engine.slide import Slider
 from vllm_stateful.engine.window import check_max_tokens, check_policy, model_limit
 from vllm_stateful.errors import (
     CommitConflictError,
@@ -259,11 +259,9 @@ class StatefulEngine:
         session = self.registry.get(session_id)
         token_ids = self.encode(data)
         if session.overflow == "slide":
-            # Past its limit the append starts a slide (re-planned below,
-            # after the awaits, on the log as it is then).
-            plan = plan_slide(session, token_ids)
-            size = len(plan.tokens) if plan is not None else newest_size(session, token_ids)
-            keeping = pinned_besides(session, sliding=plan is not None)
+            # Past its limit the append starts a slide (re-planned after the
+            # awaits, on the log as it is then).
+            size, keeping = self.slider.growth(session, token_ids)
         else:
             size, keeping = len(session.tokens) + len(token_ids), ()
             self.registry.check_limit(session, size)
@@ -278,16 +276,10 @@ class StatefulEngine:
             self.ingestor.rate_tps,
         )  # fmt: skip
         if session.overflow == "slide":
-            # Synchronous from here to the version: the plan covers every
-            # append taken before this one.
-            plan = plan_slide(session, token_ids)
-            if plan is not None:
-                self.registry.check_grow(
-                    session_id, len(plan.tokens), keeping=pinned_besides(session, sliding=True)
-                )
-                version = self.slider.start(session, plan)
-            else:
-                version = session.extend(token_ids)
+            version = self.slider.extend(
+                session, token_ids,
+                lambda size, keeping: self.registry.check_grow(session_id, size, keeping=keeping),
+            )  # fmt: skip
         else:
             version = session.extend(token_ids)
         session.touch()

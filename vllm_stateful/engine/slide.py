@@ -101,6 +101,27 @@ class Slider:
         session.slide_task.add_done_callback(_log_failure)
         return version
 
+    def growth(self, session: Session, token_ids: list[int]) -> tuple[int, tuple[int, ...]]:
+        """For admission before an append: the tokens of the log that grows
+        (the window the append starts, else the newest log) and the pool
+        copies the session keeps besides it."""
+        plan = plan_slide(session, token_ids)
+        size = len(plan.tokens) if plan is not None else newest_size(session, token_ids)
+        return size, pinned_besides(session, sliding=plan is not None)
+
+    def extend(
+        self, session: Session, token_ids: list[int], check_grow: Callable[[int, tuple[int, ...]], None]
+    ) -> int:
+        """Append to a ``slide`` session: to its newest log, or past its
+        limit by starting a window. Re-planned on the log as it is now
+        (appends taken since ``growth`` count); synchronous, so the plan
+        covers every append taken before this one."""
+        plan = plan_slide(session, token_ids)
+        if plan is None:
+            return session.extend(token_ids)
+        check_grow(len(plan.tokens), pinned_besides(session, sliding=True))
+        return self.start(session, plan)
+
     def kick(self, session: Session) -> None:
         """Keep ingesting the newest log: the window while one is built (after
         a failure, this is the retry), else the session's own."""

@@ -24,6 +24,9 @@ os.environ["VLLM_STATEFUL_ACTIVE_STEP_FACTOR"] = "0"
 # engines below, and test servers through the environment).
 INGEST_CHUNK_TOKENS = 256
 os.environ["VLLM_STATEFUL_INGEST_CHUNK_TOKENS"] = str(INGEST_CHUNK_TOKENS)
+# Lets a test run a function in the engines' workers (``collective_rpc``):
+# tests/test_speculation.py reads the worker's torch thread count.
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 import pytest
 import pytest_asyncio

@@ -13,6 +13,7 @@ sizes cross the schedule's tiers.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -114,6 +115,27 @@ async def test_drafts_accepted_on_a_copying_answer(spec, stock):
     assert after["accepted_tokens"] - before["accepted_tokens"] >= 4
 
 
+def _torch_threads(worker) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+async def test_drafts_keep_the_engine_threads(spec, stateful):
+    """vLLM's n-gram proposer drafts with a numba kernel; under numba's
+    OpenMP layer that leaves the worker's torch on one thread from the first
+    proposal on (``vllm_stateful/numba_threads.py``). With the setting the
+    plugin makes, the speculative engine's worker keeps as many threads as
+    the engine without speculation, after drafts were proposed."""
+    session = await spec.create_session([224, 216, 37, 125, 48, 284] * 30)
+    before = dict(spec.spec_decode_totals)
+    await spec.query(session.id, [224, 216, 37], greedy(ANSWER_TOKENS))
+    assert spec.spec_decode_totals["draft_tokens"] > before["draft_tokens"]
+    assert os.environ.get("NUMBA_THREADING_LAYER") == "workqueue"
+    reference = await stateful.engine.collective_rpc(_torch_threads)
+    assert await spec.engine.collective_rpc(_torch_threads) == reference
+
+
 async def test_concurrent_questions_cross_the_schedule(spec, stock):
     """Questions from up to 10 sessions at once: the batch goes through
     every tier of the schedule (drafts 4, 2, 1, 0 per request) while
@@ -188,3 +210,17 @@ def test_setting_in_both_serve_paths(monkeypatch):
     monkeypatch.setenv("VLLM_STATEFUL_SPECULATION", "eagle")
     with pytest.raises(UsageError, match="VLLM_STATEFUL_SPECULATION"):
         served()
+
+
+def test_numba_layer_set_only_for_the_ngram_proposer(monkeypatch):
+    from vllm_stateful.numba_threads import keep_engine_threads
+
+    monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    keep_engine_threads(None)
+    keep_engine_threads({"method": "suffix"})
+    assert "NUMBA_THREADING_LAYER" not in os.environ
+    keep_engine_threads({"method": "ngram", "num_speculative_tokens": 2})
+    assert os.environ["NUMBA_THREADING_LAYER"] == "workqueue"
+    monkeypatch.setenv("NUMBA_THREADING_LAYER", "tbb")  # the user's choice stands
+    keep_engine_threads({"method": "ngram"})
+    assert os.environ["NUMBA_THREADING_LAYER"] == "tbb"

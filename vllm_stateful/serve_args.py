@@ -12,7 +12,8 @@ It sets, unless the user already did:
 * ``--dtype float32`` on CPUs without native bf16 (``cpu_dtype.py``);
 * ``--speculative-config`` from ``VLLM_STATEFUL_SPECULATION``
   (``config.speculative_config``: vLLM's n-gram proposer with a batch-size
-  schedule), when the setting is not ``off``;
+  schedule), when the setting is not ``off``; with the n-gram proposer,
+  ``NUMBA_THREADING_LAYER=workqueue`` unless set (``numba_threads.py``);
 
 and ``VLLM_PLUGINS`` names the ``stateful`` endpoint plugin (endpoint
 plugins load only when named), keeping every plugin that was enabled.
@@ -65,6 +66,7 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     from vllm.config.kv_transfer import KVTransferConfig
 
     from vllm_stateful.cpu_dtype import default_dtype
+    from vllm_stateful.numba_threads import keep_engine_threads
 
     if getattr(args, "model_tag", None):
         args.model = args.model_tag  # as `vllm serve MODEL` does
@@ -111,6 +113,7 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
             args.speculative_config = speculative_config()
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    keep_engine_threads(args.speculative_config)
     # vLLM would default the API server count to the data-parallel size.
     args.api_server_count = 1
     return args

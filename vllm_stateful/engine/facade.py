@@ -59,11 +59,13 @@ def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
     ``VLLM_STATEFUL_SPECULATION`` says (``config.speculative_config``); a
     ``speculative_config`` given here wins, ``None`` turns it off."""
     from vllm_stateful.cpu_dtype import default_dtype
+    from vllm_stateful.numba_threads import keep_engine_threads
 
     kwargs.setdefault("enable_prefix_caching", True)
     kwargs.setdefault("scheduler_cls", scheduler_cls())
     if "speculative_config" not in kwargs:
         kwargs["speculative_config"] = speculative_config()
+    keep_engine_threads(kwargs["speculative_config"])
     kwargs["kv_transfer_config"] = connector_config()
     # float32 on CPUs without native bf16, unless a dtype was given.
     if (dtype := default_dtype(kwargs.get("dtype"))) is not None:

@@ -24,6 +24,10 @@ os.environ["VLLM_STATEFUL_ACTIVE_STEP_FACTOR"] = "0"
 # engines below, and test servers through the environment).
 INGEST_CHUNK_TOKENS = 256
 os.environ["VLLM_STATEFUL_INGEST_CHUNK_TOKENS"] = str(INGEST_CHUNK_TOKENS)
+# The shared engines and test servers run without speculative decoding (the
+# product default is n-gram): their tests count steps and tokens exactly.
+# tests/test_speculation.py has its own speculative engine.
+os.environ["VLLM_STATEFUL_SPECULATION"] = "off"
 # Lets a test run a function in the engines' workers (``collective_rpc``):
 # tests/test_speculation.py reads the worker's torch thread count.
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"

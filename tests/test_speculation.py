@@ -205,7 +205,9 @@ def test_setting_in_both_serve_paths(monkeypatch):
     assert stateful_engine_args(model="m").speculative_config is None
 
     monkeypatch.delenv("VLLM_STATEFUL_SPECULATION")
-    assert served() == speculative_config(DEFAULT_SPECULATION)
+    assert DEFAULT_SPECULATION == "ngram"
+    assert served() == ngram
+    assert stateful_engine_args(model="m").speculative_config == ngram
 
     monkeypatch.setenv("VLLM_STATEFUL_SPECULATION", "eagle")
     with pytest.raises(UsageError, match="VLLM_STATEFUL_SPECULATION"):
@@ -224,3 +226,24 @@ def test_numba_layer_set_only_for_the_ngram_proposer(monkeypatch):
     monkeypatch.setenv("NUMBA_THREADING_LAYER", "tbb")  # the user's choice stands
     keep_engine_threads({"method": "ngram"})
     assert os.environ["NUMBA_THREADING_LAYER"] == "tbb"
+
+
+async def test_parameters_speculation_cannot_serve_are_refused(spec, stock):
+    """vLLM refuses min_p and logit_bias with speculative decoding on: a
+    question or a flash registration asking for them gets the typed input
+    error (HTTP 400) and the session is untouched and still answers."""
+    from vllm import SamplingParams
+
+    from vllm_stateful.errors import InvalidInputError
+
+    session = await spec.create_session(list(range(40, 90)))
+    version = session.version
+    # Seeded sampling: greedy sampling drops min_p altogether.
+    bad = SamplingParams(temperature=0.8, seed=1, max_tokens=4, min_p=0.2)
+    with pytest.raises(InvalidInputError, match="min_p"):
+        await spec.query(session.id, [5, 6], bad)
+    with pytest.raises(InvalidInputError, match="min_p"):
+        await spec.register_flash(session.id, [5, 6], bad)
+    assert spec.list_flash(session.id) == []
+    assert session.version == version
+    await check_query(spec, stock, session, [5, 6])

@@ -490,6 +490,7 @@ class StatefulEngine:
         self.rpc.check_alive()
         session = self.registry.get(session_id)
         fq = self.flash.make(prompt, sampling_params, flash_id, only_changed, max_staleness_ms)
+        self.rpc.check_params(fq.params)
         self.flash.register(session, fq)
         await self.journal.flash_registered(session, fq)
         return fq

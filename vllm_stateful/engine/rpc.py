@@ -16,6 +16,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
 from vllm_stateful.config import scheduler_cls
@@ -70,6 +71,18 @@ class EngineRPC:
                 "the vLLM engine core has died; sessions cannot be served (restart the server)"
             )
 
+    def check_params(self, params: SamplingParams) -> None:
+        """vLLM's own checks of sampling parameters against this engine (as
+        at submission), for parameters kept to be used later (flash)."""
+        vcfg = self.engine.vllm_config
+        try:
+            params.verify(
+                vcfg.model_config, vcfg.speculative_config, vcfg.structured_outputs_config,
+                self.engine.get_tokenizer(),
+            )  # fmt: skip
+        except VLLMValidationError as exc:
+            raise InvalidInputError(str(exc)) from exc
+
     async def generate(
         self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
     ) -> AsyncIterator[RequestOutput]:
@@ -86,6 +99,10 @@ class EngineRPC:
             except VllmEngineDeadError as exc:
                 self.check_alive()
                 raise EngineDeadError(str(exc)) from exc
+            except VLLMValidationError as exc:
+                # Parameters this engine cannot serve (e.g. min_p with
+                # speculative decoding on): the caller's error, not ours.
+                raise InvalidInputError(str(exc)) from exc
 
     async def final(
         self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op

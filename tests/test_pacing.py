@@ -86,3 +86,26 @@ def test_only_questions_make_ingestion_steps_short():
         Op.APPEND: Lane.INGEST, Op.QUERY: Lane.FOREGROUND, Op.FLASH: Lane.FLASH,
         Op.CLOSE: Lane.FOREGROUND, Op.PROBE: Lane.FOREGROUND, Op.OFFLOAD: Lane.FOREGROUND,
     }  # fmt: skip
+
+
+def test_per_prefill_cost_keeps_ingestion_out_beside_questions():
+    """A prefill chunk that pays a fixed read of its stream's KV (here
+    12 ms, half a decode step) costs more than the slack beside a question
+    however few tokens it has: ingestion then sits out (``ingest_beside``
+    false), while the same model without that cost lets it in."""
+    per_prefill = 0.012
+    steps = [(p, d, r) for p, d in MIXED for r in ((1, 2) if p else (0,))]
+    model = StepCostModel(slack=0.1, min_tokens=4)
+    for p, d, r in steps:
+        model.observe(FIXED + PER_DECODE * d + PER_TOKEN * p + per_prefill * r, p, d, r)
+    assert model.per_prefill_s == pytest.approx(per_prefill)
+    assert model.per_token_s == pytest.approx(PER_TOKEN)
+    # Beside one question: 12 + 4 * 2 = 20 ms of ingestion > 0.1 * 25 ms.
+    assert not model.ingest_beside(1)
+    # With a slack of a whole decode step (25 ms) the chunk fits.
+    model.slack = 1.0
+    assert model.ingest_beside(1)
+    # Without the per-prefill cost: 4 * 2 = 8 ms <= 0.5 * 25 ms.
+    assert fitted(MIXED, slack=0.5, min_tokens=4).ingest_beside(1)
+    # Nothing fitted yet: ingestion is let in (the floor).
+    assert StepCostModel().ingest_beside(1)

@@ -1,22 +1,28 @@
 """How many ingestion tokens a scheduler step may carry.
 
 The cost of a step on these engines is close to linear in what it computes:
-``t = fixed + per_decode * D + per_token * P`` for ``D`` requests decoding
-and ``P`` prompt (prefill) tokens. ``fixed`` is dominated by reading the
-weights; ``per_decode`` by each decoding request's attention over its
-context; ``per_token`` grows with the context prompt tokens attend to. All
-three are fitted online to the engine's own steps (least squares with
+``t = fixed + per_decode * D + per_token * P + per_prefill * R`` for ``D``
+requests decoding, ``P`` prompt (prefill) tokens and ``R`` requests
+prefilling. ``fixed`` is dominated by reading the weights; ``per_decode``
+by each decoding request's attention over its context; ``per_prefill`` by
+the same read of the KV cache for a prefill chunk, however few tokens it
+has; ``per_token`` grows with the context prompt tokens attend to. All
+four are fitted online to the engine's own steps (least squares with
 exponential forgetting, so the fit follows the streams' growing context),
 never assumed: the allowance follows the machine, the model and the
 context. Steps of every kind feed the fit, so it works under pure ingestion
 too, where no decode step ever runs.
 
-Two limits come out of it:
+Three limits come out of it:
 
 * ``foreground_tokens(D)``: while questions (or any foreground requests)
   run, a step may carry only as many ingestion tokens as keep it within
   ``1 + slack`` of the pure decode step of those ``D`` requests, so
   questions barely notice ingestion;
+* ``ingest_beside(D)``: whether an ingestion chunk fits beside them at all.
+  On CPU it does not: a chunk of a few tokens over a 3k-token stream made a
+  question's decode step 62% longer (SmolLM2, 2-core EPYC: 44 against
+  27 ms), so ingestion then sits out and only a starved chunk joins;
 * ``idle_tokens(active)``: with no foreground work, a step may run up to
   ``1 + factor`` single-request decode steps long. That is the longest a
   newly arrived question waits for the step in flight (one chunk); the
@@ -41,17 +47,23 @@ class StepCostModel:
     min_tokens: int = 4  # progress is guaranteed whatever the measurements say
     max_tokens: int = 8192
     decay: float = 0.98  # weight kept by older samples per new one (~50-step memory)
-    # Exponentially weighted normal equations over steps, x = (1, D, P).
-    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
-    _xty: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    # Exponentially weighted normal equations over steps, x = (1, D, P, R).
+    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))
+    _xty: np.ndarray = field(default_factory=lambda: np.zeros(4))
     fixed_s: float | None = None
     per_decode_s: float | None = None
     per_token_s: float | None = None
+    per_prefill_s: float = 0.0
 
-    def observe(self, duration_s: float, prompt_tokens: int, decoding: int) -> None:
+    def observe(
+        self, duration_s: float, prompt_tokens: int, decoding: int, prefilling: int | None = None
+    ) -> None:
         """One finished step: its wall time, the prompt (prefill) tokens it
-        computed and the number of requests that decoded in it."""
-        x = np.array([1.0, float(decoding), float(prompt_tokens)])
+        computed, the number of requests that decoded in it and the number
+        that prefilled (default: one if it computed prompt tokens)."""
+        if prefilling is None:
+            prefilling = int(prompt_tokens > 0)
+        x = np.array([1.0, float(decoding), float(prompt_tokens), float(prefilling)])
         self._xtx = self.decay * self._xtx + np.outer(x, x)
         self._xty = self.decay * self._xty + duration_s * x
         self._fit()
@@ -60,21 +72,25 @@ class StepCostModel:
         if self._xtx[0, 0] < 4:
             return
         # Which effects the steps so far can tell apart: without decode-only
-        # variety the per-decode cost folds into the fixed one, and without
-        # any spread in prompt tokens nothing is fitted.
-        cols = [0, 1, 2] if self._varies(1) else [0, 2]
+        # variety the per-decode cost folds into the fixed one, without
+        # steps that differ in prefilling requests for the same tokens the
+        # per-prefill cost folds into the others, and without any spread in
+        # prompt tokens nothing is fitted.
         if not self._varies(2):
             return
+        cols = [0, *([1] if self._varies(1) else []), 2, *([3] if self._varies(3) else [])]
         a = self._xtx[np.ix_(cols, cols)]
         b = self._xty[cols]
         try:
-            coef = np.linalg.solve(a + 1e-12 * np.eye(len(cols)), b)
+            coef = dict(zip(cols, np.linalg.solve(a + 1e-12 * np.eye(len(cols)), b)))
         except np.linalg.LinAlgError:
             return
-        fixed, per_token = coef[0], coef[-1]
-        per_decode = coef[1] if len(cols) == 3 else 0.0
-        if fixed > 0 and per_token > 0 and per_decode >= 0:
+        fixed, per_token = coef[0], coef[2]
+        per_decode, per_prefill = coef.get(1, 0.0), coef.get(3, 0.0)
+        # (A per-prefill cost of zero comes out a rounding error either side.)
+        if fixed > 0 and per_token > 0 and per_decode >= 0 and per_prefill > -1e-6:
             self.fixed_s, self.per_decode_s, self.per_token_s = fixed, per_decode, per_token
+            self.per_prefill_s = max(per_prefill, 0.0)
 
     def _varies(self, i: int) -> bool:
         n, s, ss = self._xtx[0, 0], self._xtx[0, i], self._xtx[i, i]
@@ -87,6 +103,15 @@ class StepCostModel:
 
     def foreground_tokens(self, decoding: int = 1) -> int:
         return self._tokens_for(self.slack, decoding)
+
+    def ingest_beside(self, decoding: int = 1) -> bool:
+        """Whether an ingestion chunk of the floor's size keeps a step of
+        ``decoding`` foreground requests within ``1 + slack`` of their pure
+        decode step (true until something is fitted)."""
+        step = self.decode_step_s(decoding)
+        if step is None or not self.per_token_s:
+            return True
+        return self.per_prefill_s + self.per_token_s * self.min_tokens <= self.slack * step
 
     def idle_tokens(self, active: bool = False) -> int:
         return self._tokens_for(self.active_factor if active else self.idle_factor, 1)

@@ -278,10 +278,7 @@ class StatefulEngine:
             self.ingestor.rate_tps,
         )  # fmt: skip
         if session.overflow == "slide":
-            version = self.slider.extend(
-                session, token_ids,
-                lambda size, keeping: self.registry.check_grow(session_id, size, keeping=keeping),
-            )  # fmt: skip
+            version = self.slider.extend(session, token_ids)
         else:
             version = session.extend(token_ids)
         session.touch()

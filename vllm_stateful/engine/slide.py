@@ -109,9 +109,7 @@ class Slider:
         size = len(plan.tokens) if plan is not None else newest_size(session, token_ids)
         return size, pinned_besides(session, sliding=plan is not None)
 
-    def extend(
-        self, session: Session, token_ids: list[int], check_grow: Callable[[int, tuple[int, ...]], None]
-    ) -> int:
+    def extend(self, session: Session, token_ids: list[int]) -> int:
         """Append to a ``slide`` session: to its newest log, or past its
         limit by starting a window. Re-planned on the log as it is now
         (appends taken since ``growth`` count); synchronous, so the plan
@@ -119,7 +117,9 @@ class Slider:
         plan = plan_slide(session, token_ids)
         if plan is None:
             return session.extend(token_ids)
-        check_grow(len(plan.tokens), pinned_besides(session, sliding=True))
+        self.registry.check_grow(
+            session.id, len(plan.tokens), keeping=pinned_besides(session, sliding=True)
+        )
         return self.start(session, plan)
 
     def kick(self, session: Session) -> None:

@@ -133,6 +133,8 @@ async def test_drafts_keep_the_engine_threads(spec, stateful):
     assert spec.spec_decode_totals["draft_tokens"] > before["draft_tokens"]
     assert os.environ.get("NUMBA_THREADING_LAYER") == "workqueue"
     reference = await stateful.engine.collective_rpc(_torch_threads)
+    if reference[0] < 2:
+        pytest.skip("the engine runs one thread here: nothing to lose")
     assert await spec.engine.collective_rpc(_torch_threads) == reference
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # The engine-side scheduler's pacing, made exact for the tests: a step
@@ -58,10 +59,19 @@ def engine_kwargs(model: str) -> dict:
     )
 
 
+# The shared stateful engine writes its step trace here (kv/steps.py), so
+# tests can read what each engine step computed. (Named by the test run's
+# process: this module is imported twice, as a conftest and by test modules.)
+STEP_TRACE = os.path.join(tempfile.gettempdir(), f"vllm-stateful-test-steps-{os.getpid()}.jsonl")
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def stateful(tiny_model_path):
     from vllm_stateful import StatefulConfig, StatefulEngine, stateful_engine_args
+    from vllm_stateful.kv.steps import TRACE_ENV
 
+    # Only this engine's core process inherits it (test servers do not).
+    os.environ[TRACE_ENV] = STEP_TRACE
     engine = StatefulEngine.from_engine_args(
         stateful_engine_args(**engine_kwargs(tiny_model_path)),
         # Offload off: these engines' tests assert admission exactly (a
@@ -69,8 +79,11 @@ async def stateful(tiny_model_path):
         # offload its own session API over the shared engine.
         StatefulConfig(budget_fraction=0.5, offload=False, ingest_chunk_tokens=INGEST_CHUNK_TOKENS),
     )
+    os.environ.pop(TRACE_ENV)
     yield engine
     engine.shutdown()
+    if os.path.exists(STEP_TRACE):
+        os.remove(STEP_TRACE)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -9,13 +9,15 @@ engine reports per request can be asserted exactly, not timed.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 import uuid
 
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.conftest import INGEST_STEP_TOKENS
+from tests.conftest import INGEST_STEP_TOKENS, STEP_TRACE
 from tests.helpers import greedy, reference
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op
 
@@ -107,3 +109,19 @@ async def test_flash_progresses_under_a_continuous_stream(engine, stock):
     assert result.version >= flash_versions[0] and result.token_ids == expected
     engine.unsubscribe(s.id, events)
     await engine.wait_ingested(s.id)
+
+
+async def test_step_trace_shows_a_question_step_by_step(engine, stock):
+    """The step trace (VLLM_STATEFUL_STEP_TRACE) of an idle engine answering
+    one question: a prefill of the question's own tokens over the pinned
+    stream, then one decode token per step, each with its context."""
+    s = await engine.create_session(_tokens(40, 7))
+    start = time.monotonic()  # system-wide: comparable with the engine's clock
+    answer = await engine.query(s.id, [5, 6, 7], greedy(4))
+    assert answer.computed_tokens == 3
+    with open(STEP_TRACE) as f:
+        steps = [json.loads(line) for line in f]
+    mine = [requests for end, _, requests in steps if end >= start]
+    # (lane 0 = foreground, tokens in the step, tokens computed after it)
+    assert mine == [[[0, 3, 43]], [[0, 1, 44]], [[0, 1, 45]], [[0, 1, 46]]]
+    assert all(duration > 0 for end, duration, _ in steps if end >= start)

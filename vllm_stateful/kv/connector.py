@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-    from vllm_stateful.kv.scheduler import StepLog
+    from vllm_stateful.kv.steps import StepLog
 
 # Under "vllm." so vLLM's logging configuration shows it.
 logger = init_logger(f"vllm.{__name__}")

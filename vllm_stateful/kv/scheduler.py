@@ -34,16 +34,15 @@ vLLM's scheduler sees, and restores it afterwards:
   question arriving now waits for the step in flight), long after a quiet
   spell, so a feed alone runs near full speed.
 
-Step records (``StepLog``) say what every request waited for; the connector
-reports them when the request finishes.
+Step records (``steps.py``) say what every request waited for; the connector
+reports them when the request finishes. ``VLLM_STATEFUL_STEP_TRACE=<file>``
+writes every step as a JSON line.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -51,6 +50,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_stateful.config import SchedulingConfig
 from vllm_stateful.kv.pacing import StepCostModel
+from vllm_stateful.kv.steps import Step, StepLog, StepTrace
 from vllm_stateful.protocol import Op, RequestTag
 
 if TYPE_CHECKING:
@@ -94,34 +94,6 @@ def is_question(request: Request) -> bool:
     return tag is None or tag.op is Op.QUERY
 
 
-@dataclass
-class RequestWait:
-    """What one request waited for, from its arrival to its first step."""
-
-    arrival_step: int
-    first_step: int | None = None
-    ingest_tokens_before: int = 0  # ingestion computed in steps it sat out
-    passed_over: int = 0  # consecutive steps it was ready but not scheduled
-    # The most ingestion tokens that shared a step with this request.
-    max_ingest_alongside: int = 0
-
-
-class StepLog:
-    """Per-request wait records, kept until the request finishes."""
-
-    def __init__(self, limit: int = 4096):
-        self.limit = limit
-        self.waits: OrderedDict[str, RequestWait] = OrderedDict()
-
-    def arrived(self, request_id: str, step: int) -> None:
-        self.waits[request_id] = RequestWait(arrival_step=step)
-        while len(self.waits) > self.limit:  # requests that never finished
-            self.waits.popitem(last=False)
-
-    def pop(self, request_id: str) -> RequestWait | None:
-        return self.waits.pop(request_id, None)
-
-
 class StatefulScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -137,10 +109,8 @@ class StatefulScheduler(Scheduler):
         self.active_window_s = cfg.active_window_s
         self._foreground_seen = float("-inf")
         self.steps = StepLog()
-        self._step_started: float | None = None
-        self._step_prompt_tokens = 0
-        self._step_decoding = 0
-        self._step_prefilling = 0
+        self._step: Step | None = None  # the step the model is computing
+        self._trace = StepTrace.from_env()
         self._logged_at = 0.0
         attach = getattr(self.connector, "attach_step_log", None)
         if attach is not None:
@@ -174,11 +144,11 @@ class StatefulScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
         now = time.monotonic()
-        if self._step_started is not None and scheduler_output.total_num_scheduled_tokens:
-            self.cost.observe(
-                now - self._step_started, self._step_prompt_tokens, self._step_decoding,
-                self._step_prefilling,
-            )  # fmt: skip
+        step, self._step = self._step, None
+        if step is not None and scheduler_output.total_num_scheduled_tokens:
+            self.cost.observe(now - step.started, step.prompt_tokens, step.decoding, step.prefilling)
+            if self._trace is not None:
+                self._trace.write(step, now)
             if now - self._logged_at > LOG_EVERY_S and self.cost.per_token_s:
                 self._logged_at = now
                 logger.info(
@@ -191,7 +161,6 @@ class StatefulScheduler(Scheduler):
                     if self.cost.ingest_beside(1) else "none unless starved",
                     self.cost.idle_tokens(True), self.cost.idle_tokens(False),
                 )
-        self._step_started = None
         return super().update_from_output(scheduler_output, model_runner_output)
 
     # ------------------------------------------------------------- arranging
@@ -299,37 +268,33 @@ class StatefulScheduler(Scheduler):
     def _record(self, output: SchedulerOutput) -> None:
         scheduled = output.num_scheduled_tokens
         drafts = output.scheduled_spec_decode_tokens
-        ingest = 0
-        prompt_tokens = 0
-        decoding = 0
-        prefilling = 0
+        step = Step(started=time.monotonic())
         for req_id, n in scheduled.items():
             request = self.requests.get(req_id)
             if request is None:
                 continue
             # A decode step schedules one token plus its speculative drafts
             # (verified in the same step); anything more is a prefill chunk.
-            n_decode = 1 + len(drafts.get(req_id, ()))
-            if n > n_decode:
-                prompt_tokens += n
-                prefilling += 1
+            if n > 1 + len(drafts.get(req_id, ())):
+                step.prompt_tokens += n
+                step.prefilling += 1
             else:
-                decoding += 1
-            if lane_of(request) is Lane.INGEST:
-                ingest += n
+                step.decoding += 1
+            lane = lane_of(request)
+            if lane is Lane.INGEST:
+                step.ingest_tokens += n
+            if self._trace is not None:
+                step.requests.append((int(lane), n, request.num_computed_tokens))
         running = {r.request_id for r in self.running}
         for req_id, wait in self.steps.waits.items():
             if req_id in scheduled:
                 if wait.first_step is None:
                     wait.first_step = self.current_step
                 wait.passed_over = 0
-                wait.max_ingest_alongside = max(wait.max_ingest_alongside, ingest)
+                wait.max_ingest_alongside = max(wait.max_ingest_alongside, step.ingest_tokens)
             elif wait.first_step is None:
-                wait.ingest_tokens_before += ingest
+                wait.ingest_tokens_before += step.ingest_tokens
                 wait.passed_over += 1
             elif req_id in running:
                 wait.passed_over += 1
-        self._step_prompt_tokens = prompt_tokens
-        self._step_decoding = decoding
-        self._step_prefilling = prefilling
-        self._step_started = time.monotonic() if scheduled else None
+        self._step = step if scheduled else None

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-append-tokens", type=int, default=512,
       help="a feeder behind schedule sends what is due in one append, up to this")  # fmt: skip
     a("--question-rate", type=float, default=0.5, help="questions per second over all sessions")
+    a("--flash-rate", type=float, default=0.5,
+      help="reads of the flash question per second over all sessions, on top of the questions")  # fmt: skip
     a("--max-tokens", type=int, default=8, help="answer length (fixed: ignore_eos)")
     a("--idle-points", type=int, default=5, help="contexts of the idle reference")
     a("--idle-reps", type=int, default=2, help="asks of each question per idle context")
@@ -244,6 +246,7 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
 
 def build_plans(args, state) -> list[LevelPlan]:
     cap = state["capacity"]["tps"]
+    flash_id = next(q.id for q in state["questions"] if q.flash)
     plans = []
     for n in args.session_counts:
         for load in args.load_levels:
@@ -252,6 +255,8 @@ def build_plans(args, state) -> list[LevelPlan]:
                 capacity_tps=cap, duration_s=args.duration_s, start_context=args.start_context,
                 lines_per_append=args.lines_per_append, question_rate=args.question_rate,
                 qids=[q.id for q in state["questions"]], seed=args.seed,
+                rotate_at=state["rotate_at"][n],
+                flash_reads=(flash_id, args.flash_rate) if args.flash_rate > 0 else None,
             ))  # fmt: skip
     return plans
 
@@ -347,7 +352,8 @@ async def main_async(args) -> int:
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "parameters": (f"sessions {args.sessions}, loads {args.loads}, {args.duration_s:g} s per level, "
                            f"contexts {args.start_context}-{args.max_context} tokens (rotate at "
-                           f"{rotate_at}), questions {args.question_rate:g}/s Poisson, "
+                           f"{rotate_at}), questions {args.question_rate:g}/s Poisson "
+                           f"+ flash reads {args.flash_rate:g}/s, "
                            f"{args.max_tokens} greedy tokens, {'eager' if args.eager else 'compiled'}, "
                            f"KV {args.kv_gib} GiB, backlog bound {args.backlog_tokens} tokens per "
                            f"session and {args.backlog_tokens_total} in all, seed {args.seed}"),

@@ -155,23 +155,6 @@ def rotation_point(args, model_dir: str) -> int:
     return point
 
 
-def stagger(plan, source: LineIds, start_context: int, rotate_at: int) -> None:
-    """Spread the streams' first contexts evenly between ``start_context``
-    and ``rotate_at``, so that they rotate one after another instead of all
-    at once (which would make a burst of creates every few minutes): slot
-    ``s`` starts with the lines before its stretch of the day prepended."""
-    n = plan.sessions
-    stride = max(1, len(source) // n)  # where plan_level starts each slot
-    for s in range(n):
-        extra = (rotate_at - start_context) * s // n
-        earlier: list[tuple[int, ...]] = []
-        pos = s * stride - 1
-        while sum(map(len, earlier)) < extra:
-            earlier.append(source[pos])
-            pos -= 1
-        plan.prefix_lines[s] = earlier[::-1] + plan.prefix_lines[s]
-
-
 def progress_line(s: Sample, rotations: int) -> str:
     def n(x):
         return "-" if x is None else f"{x:.0f}"
@@ -227,16 +210,13 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
             cap = await capacity(target, src, header, context, args.capacity_tokens, 2,
                                  args.lines_per_append, BACKLOG_TOKENS_TOTAL // 8)  # fmt: skip
         results["capacity"] = cap
-        # A rotation ingests a fresh session's start_context tokens again for
-        # every (rotate_at - start_context) tokens fed: the feed gets the
-        # share of the load that leaves room for them.
-        feed_load = args.load * (rotate_at - args.start_context) / rotate_at
-        plan = plan_level(source=src, header=header, sessions=args.sessions, load=feed_load,
+        # The load counts the rotations' fresh windows (plan_level).
+        plan = plan_level(source=src, header=header, sessions=args.sessions, load=args.load,
                           capacity_tps=cap["tps"], duration_s=args.duration_s,
                           start_context=args.start_context, lines_per_append=args.lines_per_append,
                           question_rate=args.question_rate, qids=[q.id for q in qs],
-                          seed=args.seed)  # fmt: skip
-        stagger(plan, src, args.start_context, rotate_at)
+                          seed=args.seed, rotate_at=rotate_at)  # fmt: skip
+        feed_load = plan.meta["feed_load"]
         print(f"[soak] capacity {cap['tps']:.0f} tokens/s; feeding {plan.offered_tps:.0f} tokens/s "
               f"({feed_load:.0%}; {args.load:.0%} with the rotations' prefixes) into "
               f"{args.sessions} sessions for {args.duration_s:.0f} s, "

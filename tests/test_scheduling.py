@@ -125,3 +125,28 @@ async def test_step_trace_shows_a_question_step_by_step(engine, stock):
     # (lane 0 = foreground, tokens in the step, tokens computed after it)
     assert mine == [[[0, 3, 43]], [[0, 1, 44]], [[0, 1, 45]], [[0, 1, 46]]]
     assert all(duration > 0 for end, duration, _ in steps if end >= start)
+
+
+async def test_flash_runs_alone_while_ingestion_keeps_up(engine, stock):
+    """With no question and ingestion within one long step (here
+    INGEST_STEP_TOKENS), a flash evaluation's steps carry no ingestion: an
+    append that arrives while it runs waits for it (fewer steps than
+    ``starve_steps``), so the evaluation takes its idle number of steps."""
+    s = await engine.create_session(_tokens(40, 8))
+    events = engine.subscribe(s.id)
+    await engine.register_flash(s.id, [41, 42], greedy(4), flash_id="f")
+    start = time.monotonic()
+    for i in range(12):
+        v = await engine.append(s.id, _tokens(8, 200 + i))
+        await engine.wait_ingested(s.id, v)  # its flash evaluation starts now
+    while (event := await asyncio.wait_for(events.get(), 30)).type != "flash" or event.version < v:
+        pass
+    engine.unsubscribe(s.id, events)
+    with open(STEP_TRACE) as f:
+        steps = [json.loads(line)[2] for line in f if json.loads(line)[0] >= start]
+    lanes = [{lane for lane, _, _ in requests} for requests in steps]
+    assert sum(1 in x for x in lanes) >= 12 and sum(2 in x for x in lanes) >= 4
+    assert not [x for x in lanes if {1, 2} <= x]
+    result = s.flash_results["f"]
+    assert result.version == v
+    assert result.token_ids == await reference(stock, s.tokens_at(v) + [41, 42], 4)

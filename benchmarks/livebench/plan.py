@@ -128,13 +128,28 @@ def plan_level(
     qids: Sequence[str],
     seed: int,
     first_line: int = 0,
+    rotate_at: int | None = None,
+    flash_reads: tuple[str, float] | None = None,
 ) -> LevelPlan:
     """Appends of ``lines_per_append`` lines per slot, spaced so that the
     slots together offer ``load * capacity_tps`` tokens/s; questions at
     Poisson times (``question_rate`` per second over all slots), each on a
-    random slot, a random question."""
+    random slot, a random question. ``flash_reads`` (a flash question's id,
+    a rate) adds a dashboard reading that flash answer at Poisson times,
+    on a random slot: reads are what flash queries are for, and enough of
+    them make the hit rate a measurement.
+
+    With ``rotate_at`` (streams move to a fresh session of ``start_context``
+    tokens before passing it), the load counts the rotations too: the
+    engine ingests every fresh session's window again, ``start_context``
+    tokens for every ``rotate_at - start_context`` appended, so the feed
+    gets the share of the load that leaves room for them; and the slots'
+    first contexts are spread between the two (``stagger``), so the mix of
+    contexts, and with it the cost of a token, stays the same over the run
+    instead of growing until every stream rotates at once."""
     rng = random.Random(f"{seed}:{sessions}:{load}")
-    offered = load * capacity_tps
+    feed_load = load if rotate_at is None else load * feed_share(start_context, rotate_at)
+    offered = feed_load * capacity_tps
     per_slot = offered / sessions
     stride = max(1, len(source) // max(sessions, 1))
     prefix_lines, appends = [], []
@@ -162,4 +177,41 @@ def plan_level(
     while t < duration_s:
         qs.append(PlannedQuestion(t, rng.randrange(sessions), rng.choice(list(qids))))
         t += rng.expovariate(question_rate)
-    return LevelPlan(sessions, load, offered, duration_s, list(header), prefix_lines, appends, qs)
+    if flash_reads is not None:
+        qid, rate = flash_reads
+        frng = random.Random(f"{seed}:{sessions}:{load}:flash")
+        t = frng.expovariate(rate)
+        while t < duration_s:
+            qs.append(PlannedQuestion(t, frng.randrange(sessions), qid))
+            t += frng.expovariate(rate)
+        qs.sort(key=lambda q: q.t)
+    plan = LevelPlan(sessions, load, offered, duration_s, list(header), prefix_lines, appends, qs,
+                     meta={"feed_load": feed_load, "rotate_at": rotate_at})  # fmt: skip
+    if rotate_at is not None:
+        stagger(plan, source, start_context, rotate_at, first_line)
+    return plan
+
+
+def feed_share(start_context: int, rotate_at: int) -> float:
+    """The share of the ingestion a rotating stream's appends make: per
+    cycle it appends ``rotate_at - start_context`` tokens and the engine
+    ingests ``start_context`` more for the fresh session's window."""
+    return (rotate_at - start_context) / rotate_at
+
+
+def stagger(plan: LevelPlan, source: LineIds, start_context: int, rotate_at: int,
+            first_line: int = 0) -> None:  # fmt: skip
+    """Spread the streams' first contexts evenly between ``start_context``
+    and ``rotate_at``, so that they rotate one after another instead of all
+    at once: slot ``s`` starts with the lines before its stretch of the day
+    prepended."""
+    n = plan.sessions
+    stride = max(1, len(source) // max(n, 1))  # where plan_level starts each slot
+    for s in range(n):
+        extra = (rotate_at - start_context) * s // n
+        earlier: list[tuple[int, ...]] = []
+        pos = first_line + s * stride - 1
+        while sum(map(len, earlier)) < extra:
+            earlier.append(source[pos])
+            pos -= 1
+        plan.prefix_lines[s] = earlier[::-1] + plan.prefix_lines[s]

@@ -168,6 +168,12 @@ def markdown(res: dict[str, Any]) -> str:
         "the context already in its prefix cache). Lag: append acknowledged to the `ingested` "
         "event covering it. Stock vLLM has no ingestion: its questions carry the whole context.",
         "",
+        "Load counts all the ingestion a stream makes: when a stream reaches its rotation point "
+        "it moves to a fresh session that ingests its newest ticks again (the start context), "
+        "so the feed (\"offered tok/s\", appended) is the load's share left after those "
+        "windows; the streams start at contexts spread evenly up to the rotation point, so "
+        "they rotate one after another and the cost of a token stays the same over the run.",
+        "",
         table(res["levels"]),
     ]
     if res.get("notes"):

@@ -29,10 +29,12 @@ vLLM's scheduler sees, and restores it afterwards:
   and flash requests sit the step out, so it is admitted at once instead of
   after their prefill;
 * with no foreground work, flash evaluations go first (they are small and
-  only useful while fresh; a waiting one is admitted at once) and ingestion
-  steps are capped: short while questions keep coming (the longest a
-  question arriving now waits for the step in flight), long after a quiet
-  spell, so a feed alone runs near full speed.
+  only useful while fresh; a waiting one is admitted at once), alone while
+  ingestion keeps up (what waits is within one long step), sharing their
+  steps with ingestion that is behind;
+* ingestion steps are capped: short while questions keep coming (the
+  longest a question arriving now waits for the step in flight), long
+  after a quiet spell, so a feed alone runs near full speed.
 
 Step records (``steps.py``) say what every request waited for; the connector
 reports them when the request finishes. ``VLLM_STATEFUL_STEP_TRACE=<file>``
@@ -192,6 +194,12 @@ class StatefulScheduler(Scheduler):
             if lanes[r.request_id] is Lane.FLASH and self._starved(r)
         }
 
+        def needs(requests: Any) -> int:
+            return sum(
+                max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
+                for r in requests
+            )
+
         def rank(r: Request) -> tuple[float, int]:
             if r.request_id in starved:
                 return (-1, 0)
@@ -209,18 +217,21 @@ class StatefulScheduler(Scheduler):
         self.running.sort(key=rank)  # stable
         self._reorder_waiting(waiting, rank)
 
-        def needs(requests: list[Request]) -> int:
-            return sum(
-                max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
-                for r in requests
-            )
-
         first = [r for r in self.running if rank(r)[0] < Lane.INGEST]
-        # Whether an ingestion chunk fits beside the foreground at all.
-        beside = not foreground or self.cost.ingest_beside(len(first))
         if foreground:
+            # Whether an ingestion chunk fits beside the foreground at all.
+            beside = self.cost.ingest_beside(len(first))
             waiting_first = any(lanes[r.request_id] is Lane.FOREGROUND for r in waiting)
         else:
+            # Flash evaluations run alone while ingestion keeps up (what
+            # waits is within one long step): sharing every step with a
+            # chunk doubled an evaluation's time (4 decode steps of ~90
+            # instead of ~35 ms on a 2-core EPYC), and a hit needs the
+            # evaluation done within about its idle time. Ingestion that is
+            # behind shares their steps. (Only running chunks count: what a
+            # waiting one still needs is known once its cached prefix is.)
+            ingest = (r for r in self.running if lanes[r.request_id] is Lane.INGEST)
+            beside = not first or needs(ingest) > self.cost.idle_tokens(False)
             waiting_first = any(lanes[r.request_id] is Lane.FLASH for r in waiting)
 
         def sits_out(r: Request) -> bool:
@@ -229,7 +240,7 @@ class StatefulScheduler(Scheduler):
             # Admitting a waiting question (or, with none, a flash
             # evaluation) comes before any ingestion prefill; beside a
             # question, flash work pauses, and so does ingestion that does
-            # not fit beside it, until it is starved.
+            # not fit beside what runs first, until it is starved.
             if waiting_first or lanes[r.request_id] is Lane.FLASH:
                 return True
             return not beside and not self._starved(r)

@@ -33,6 +33,12 @@ def test_fit_recovers_step_costs_from_mixed_steps():
     assert model.idle_tokens() == 75
     # While questions come: 1.5 * 25 / 2 = 18.75.
     assert model.idle_tokens(active=True) == 18
+    # ... and once ingestion has waited past the target lag (1 s), longer
+    # in proportion (1.5 s: 28.1 tokens), at most twice (37.5).
+    assert model.idle_tokens(active=True, waited_s=0.9) == 18
+    assert model.idle_tokens(active=True, waited_s=1.5) == 28
+    assert model.idle_tokens(active=True, waited_s=30.0) == 37
+    assert model.idle_tokens(active=False, waited_s=30.0) == 75
 
 
 def test_fit_works_under_pure_ingestion():

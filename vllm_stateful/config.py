@@ -144,6 +144,9 @@ class SchedulingConfig:
     active_step_factor: float = 1.5
     idle_step_factor: float = 12.0
     active_window_s: float = 10.0
+    # While questions come, once the oldest ingestion chunk in the engine
+    # has waited this long, steps grow in proportion, up to twice as long.
+    ingest_lag_target_s: float = 1.0
     # Ingestion tokens a step may always carry, whatever the measurements
     # (so ingestion never stops entirely). Small: on CPU one prompt token
     # costs several percent of a decode step.
@@ -155,6 +158,7 @@ class SchedulingConfig:
     def from_env(cls) -> SchedulingConfig:
         """``VLLM_STATEFUL_FOREGROUND_SLACK``, ``VLLM_STATEFUL_IDLE_STEP_FACTOR``,
         ``VLLM_STATEFUL_ACTIVE_STEP_FACTOR``, ``VLLM_STATEFUL_ACTIVE_WINDOW_S``,
+        ``VLLM_STATEFUL_INGEST_LAG_TARGET_S``,
         ``VLLM_STATEFUL_MIN_INGEST_TOKENS``, ``VLLM_STATEFUL_STARVE_STEPS``."""
         cfg = cls()
         if (v := _env_float("VLLM_STATEFUL_FOREGROUND_SLACK")) is not None:
@@ -165,6 +169,8 @@ class SchedulingConfig:
             cfg.active_step_factor = v
         if (v := _env_float("VLLM_STATEFUL_ACTIVE_WINDOW_S")) is not None:
             cfg.active_window_s = v
+        if (v := _env_float("VLLM_STATEFUL_INGEST_LAG_TARGET_S")) is not None:
+            cfg.ingest_lag_target_s = max(v, 1e-3)
         if (v := _env_float("VLLM_STATEFUL_MIN_INGEST_TOKENS")) is not None:
             cfg.min_ingest_tokens = max(1, int(v))
         if (v := _env_float("VLLM_STATEFUL_STARVE_STEPS")) is not None:

@@ -105,6 +105,7 @@ class StatefulScheduler(Scheduler):
             idle_factor=cfg.idle_step_factor,
             active_factor=cfg.active_step_factor,
             min_tokens=cfg.min_ingest_tokens,
+            lag_target_s=cfg.ingest_lag_target_s,
             max_tokens=self.max_num_scheduled_tokens,
         )
         self.starve_steps = cfg.starve_steps
@@ -263,7 +264,9 @@ class StatefulScheduler(Scheduler):
             # arrive any moment and wait for the step in flight; none for a
             # while: long ones, for throughput.
             active = now - self._foreground_seen < self.active_window_s
-            allowance = self.cost.idle_tokens(active)
+            arrivals = [r.arrival_time for r in self.running if lanes[r.request_id] is Lane.INGEST]
+            waited = time.time() - min(arrivals) if arrivals else 0.0  # vLLM stamps wall time
+            allowance = self.cost.idle_tokens(active, waited)
         budget = min(needs(first) + allowance, self.max_num_scheduled_tokens)
         return hidden_running, hidden_waiting, max(1, budget)
 

@@ -143,8 +143,8 @@ async def test_flash_runs_alone_while_ingestion_keeps_up(engine, stock):
         pass
     engine.unsubscribe(s.id, events)
     with open(STEP_TRACE) as f:
-        steps = [json.loads(line)[2] for line in f if json.loads(line)[0] >= start]
-    lanes = [{lane for lane, _, _ in requests} for requests in steps]
+        steps = [json.loads(line) for line in f]
+    lanes = [{lane for lane, _, _ in requests} for end, _, requests in steps if end >= start]
     assert sum(1 in x for x in lanes) >= 12 and sum(2 in x for x in lanes) >= 4
     assert not [x for x in lanes if {1, 2} <= x]
     result = s.flash_results["f"]

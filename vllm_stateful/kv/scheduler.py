@@ -33,8 +33,10 @@ vLLM's scheduler sees, and restores it afterwards:
   ingestion keeps up (what waits is within one long step), sharing their
   steps with ingestion that is behind;
 * ingestion steps are capped: short while questions keep coming (the
-  longest a question arriving now waits for the step in flight), long
-  after a quiet spell, so a feed alone runs near full speed.
+  longest a question arriving now waits for the step in flight), growing
+  once the oldest chunk in the engine has waited past a target lag (so a
+  stream behind catches up), long after a quiet spell, so a feed alone
+  runs near full speed.
 
 Step records (``steps.py``) say what every request waited for; the connector
 reports them when the request finishes. ``VLLM_STATEFUL_STEP_TRACE=<file>``

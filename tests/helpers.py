@@ -58,17 +58,17 @@ class RpcFaults:
         self.gate = asyncio.Event()
         self.calls: list[tuple[str, object]] = []  # (session key, op) per request
 
-    def generate(self, key, prompt_ids, params, op):
+    def generate(self, key, prompt_ids, params, op, since=None):
         self.calls.append((key, op))
-        return self._generate(key, prompt_ids, params, op)
+        return self._generate(key, prompt_ids, params, op, since)
 
-    async def _generate(self, key, prompt_ids, params, op):
+    async def _generate(self, key, prompt_ids, params, op, since):
         if self.fail(key, prompt_ids, op):
             raise RuntimeError(f"injected failure of {op.value}")
         if op is self.hold_op:
             self.arrived.set()
             await self.gate.wait()
-        async with contextlib.aclosing(self.original(key, prompt_ids, params, op)) as outs:
+        async with contextlib.aclosing(self.original(key, prompt_ids, params, op, since)) as outs:
             async for out in outs:
                 yield out
 

@@ -59,9 +59,11 @@ class RPCGate:
     def calls_of(self, key: str) -> list[Call]:
         return [c for c in self.calls if c.key == key]
 
-    async def final(self, key: str, prompt_ids: list[int], params: Any, op: Op) -> Any:
+    async def final(
+        self, key: str, prompt_ids: list[int], params: Any, op: Op, since: float | None = None
+    ) -> Any:
         if op is not self.op:
-            return await self._rpc.final(key, prompt_ids, params, op)
+            return await self._rpc.final(key, prompt_ids, params, op, since)
         seen = self.probe()
         if key in self._held:
             self._arrived[key].set()
@@ -71,7 +73,7 @@ class RPCGate:
                 del self._fail_after[key]
                 raise InjectedFailure(f"injected failure of an {op.value} request")
             self._fail_after[key] -= 1
-        out = await self._rpc.final(key, prompt_ids, params, op)
+        out = await self._rpc.final(key, prompt_ids, params, op, since)
         computed = len(prompt_ids) - (out.num_cached_tokens or 0)
         self.calls.append(Call(key, len(prompt_ids), computed, seen))
         return out

@@ -17,7 +17,7 @@ import uuid
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.conftest import INGEST_STEP_TOKENS, STEP_TRACE
+from tests.conftest import INGEST_CHUNK_TOKENS, INGEST_STEP_TOKENS, STEP_TRACE
 from tests.helpers import greedy, reference
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op
 
@@ -121,10 +121,10 @@ async def test_step_trace_shows_a_question_step_by_step(engine, stock):
     assert answer.computed_tokens == 3
     with open(STEP_TRACE) as f:
         steps = [json.loads(line) for line in f]
-    mine = [requests for end, _, requests in steps if end >= start]
+    mine = [requests for end, _, requests, _ in steps if end >= start]
     # (lane 0 = foreground, tokens in the step, tokens computed after it)
     assert mine == [[[0, 3, 43]], [[0, 1, 44]], [[0, 1, 45]], [[0, 1, 46]]]
-    assert all(duration > 0 for end, duration, _ in steps if end >= start)
+    assert all(duration > 0 for end, duration, _, _ in steps if end >= start)
 
 
 async def test_flash_runs_alone_while_ingestion_keeps_up(engine, stock):
@@ -144,9 +144,41 @@ async def test_flash_runs_alone_while_ingestion_keeps_up(engine, stock):
     engine.unsubscribe(s.id, events)
     with open(STEP_TRACE) as f:
         steps = [json.loads(line) for line in f]
-    lanes = [{lane for lane, _, _ in requests} for end, _, requests in steps if end >= start]
+    lanes = [{lane for lane, _, _ in requests} for end, _, requests, _ in steps if end >= start]
     assert sum(1 in x for x in lanes) >= 12 and sum(2 in x for x in lanes) >= 4
     assert not [x for x in lanes if {1, 2} <= x]
     result = s.flash_results["f"]
     assert result.version == v
     assert result.token_ids == await reference(stock, s.tokens_at(v) + [41, 42], 4)
+
+
+
+async def test_engine_paces_by_the_age_of_acknowledged_data(engine, stock):
+    """The engine paces ingestion by how long acknowledged data has waited
+    (the tag's ``since``), not by how long the chunk in flight has: a large
+    append is ingested in many chunks, one engine request each, and the
+    steps of its last chunk see the lag from the append's acknowledgement,
+    all the earlier chunks' time, not the few steps that chunk has run."""
+    s = await engine.create_session(_tokens(40, 9))
+    assert LARGE // INGEST_CHUNK_TOKENS >= 10
+    v = await engine.append(s.id, _tokens(LARGE, 10))
+    acknowledged = time.monotonic()  # system-wide: comparable with the engine's clock
+    await engine.wait_ingested(s.id, v)
+    with open(STEP_TRACE) as f:
+        steps = [json.loads(line) for line in f]
+    # This append's ingestion steps: lane 1, contexts past the session's 40
+    # tokens; (start, lag) each.
+    mine = [
+        (end - duration, lag)
+        for end, duration, requests, lag in steps
+        if end > acknowledged and any(lane == 1 and c > 40 for lane, _, c in requests)
+    ]
+    assert len(mine) >= LARGE // INGEST_STEP_TOKENS
+    for start, lag in mine:
+        # (The lag is taken when the step is arranged, just before it
+        # starts; 20 ms covers that and the trace's rounding.)
+        assert lag >= start - acknowledged - 0.02
+    # Ten chunks came before the last one's request arrived: a lag counted
+    # from its arrival would be about 0 at its first step.
+    start, lag = mine[-(INGEST_CHUNK_TOKENS // INGEST_STEP_TOKENS)]
+    assert lag >= 0.5 * (start - acknowledged) > 0

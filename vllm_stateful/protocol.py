@@ -42,16 +42,24 @@ class RequestTag:
 
     session: str
     op: Op
+    # APPEND: when (wall clock) the oldest data this request ingests was
+    # acknowledged. Appends made while a session's chunk runs wait on the
+    # API side for the next one, so the engine sees the data's true age
+    # (its ingestion lag) only from this, not from the request's arrival.
+    since: float | None = None
 
     def to_extra_args(self) -> dict[str, Any]:
-        return {KEY: {"session": self.session, "op": self.op.value}}
+        raw: dict[str, Any] = {"session": self.session, "op": self.op.value}
+        if self.since is not None:
+            raw["since"] = self.since
+        return {KEY: raw}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestTag | None:
         raw = (extra_args or {}).get(KEY)
         if raw is None:
             return None
-        return cls(session=raw["session"], op=Op(raw["op"]))
+        return cls(session=raw["session"], op=Op(raw["op"]), since=raw.get("since"))
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,9 @@ class Ingestor:
             prompt_ids = session.tokens[:end]
             self._on_new_version()
             start = time.monotonic()
+            since = time.time() - session.ingest_lag_s(start)  # the engine paces by it
             try:
-                out = await self.rpc.final(session.key, prompt_ids, one_token(), Op.APPEND)
+                out = await self.rpc.final(session.key, prompt_ids, one_token(), Op.APPEND, since)
             except Exception as exc:  # surfaced to waiters; the log is kept
                 session.ingest_error = exc
                 async with session.changed:

@@ -84,10 +84,12 @@ class EngineRPC:
             raise InvalidInputError(str(exc)) from exc
 
     async def generate(
-        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
+        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op,
+        since: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self.check_alive()
-        params.extra_args = {**(params.extra_args or {}), **RequestTag(key, op).to_extra_args()}
+        tag = RequestTag(key, op, since)
+        params.extra_args = {**(params.extra_args or {}), **tag.to_extra_args()}
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key)
         request_id = f"stateful-{op.value}-{uuid.uuid4().hex}"
         # aclosing: closing this generator closes vLLM's, which aborts the
@@ -105,10 +107,11 @@ class EngineRPC:
                 raise InvalidInputError(str(exc)) from exc
 
     async def final(
-        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op
+        self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op,
+        since: float | None = None,
     ) -> RequestOutput:
         final = None
-        async for out in self.generate(key, prompt_ids, params, op):
+        async for out in self.generate(key, prompt_ids, params, op, since):
             final = out
         assert final is not None and final.finished
         return final

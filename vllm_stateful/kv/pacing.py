@@ -118,8 +118,8 @@ class StepCostModel:
         return self.per_prefill_s + self.per_token_s * self.min_tokens <= self.slack * step
 
     def idle_tokens(self, active: bool = False, waited_s: float = 0.0) -> int:
-        """``waited_s``: how long the oldest ingestion chunk in the engine
-        has waited. While questions come, steps grow with it past
+        """``waited_s``: how long the oldest data in the engine has waited
+        since it was acknowledged. While questions come, steps grow with it past
         ``lag_target_s``, up to ``max_boost`` times: short steps keep a
         question's wait short, but their fixed cost caps ingestion (on a
         2-core EPYC, steps of ~40 tokens ingested about half of what long

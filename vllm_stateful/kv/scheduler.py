@@ -30,11 +30,12 @@ vLLM's scheduler sees, and restores it afterwards:
   after their prefill;
 * with no foreground work, flash evaluations go first (they are small and
   only useful while fresh; a waiting one is admitted at once), alone while
-  ingestion keeps up (what waits is within one long step), sharing their
-  steps with ingestion that is behind;
+  ingestion keeps up (what waits is within one long step, and no data is
+  older than the target lag), sharing their steps with ingestion that is
+  behind;
 * ingestion steps are capped: short while questions keep coming (the
   longest a question arriving now waits for the step in flight), growing
-  once the oldest chunk in the engine has waited past a target lag (so a
+  once the oldest data in the engine has waited past a target lag (so a
   stream behind catches up), long after a quiet spell, so a feed alone
   runs near full speed.
 
@@ -88,6 +89,15 @@ def lane_of(request: Request) -> Lane:
     return Lane.FOREGROUND if tag is None else _LANE_OF_OP.get(tag.op, Lane.FOREGROUND)
 
 
+def data_since(request: Request) -> float:
+    """When (wall clock) the oldest data an ingestion request carries was
+    acknowledged; its arrival without the tag's word (vLLM stamps wall
+    time)."""
+    tag = _tag(request)
+    since = None if tag is None else tag.since
+    return request.arrival_time if since is None else min(since, request.arrival_time)
+
+
 def is_question(request: Request) -> bool:
     """A session question, or any request that is not the plugin's. Control
     requests (close, probe, offload) are foreground for ordering (one token
@@ -115,6 +125,7 @@ class StatefulScheduler(Scheduler):
         self._foreground_seen = float("-inf")
         self.steps = StepLog()
         self._step: Step | None = None  # the step the model is computing
+        self._ingest_lag_s = 0.0  # as the last arrangement saw it
         self._trace = StepTrace.from_env()
         self._logged_at = 0.0
         attach = getattr(self.connector, "attach_step_log", None)
@@ -221,6 +232,12 @@ class StatefulScheduler(Scheduler):
         self._reorder_waiting(waiting, rank)
 
         first = [r for r in self.running if rank(r)[0] < Lane.INGEST]
+        ingest = [r for r in self.running if lanes[r.request_id] is Lane.INGEST]
+        # The ingestion lag: how long the oldest data in the engine, running
+        # or waiting, has waited since it was acknowledged.
+        since = [data_since(r) for r in (*self.running, *waiting) if lanes[r.request_id] is Lane.INGEST]
+        waited = time.time() - min(since) if since else 0.0
+        self._ingest_lag_s = waited
         if foreground:
             # Whether an ingestion chunk fits beside the foreground at all.
             beside = self.cost.ingest_beside(len(first))
@@ -231,10 +248,14 @@ class StatefulScheduler(Scheduler):
             # chunk doubled an evaluation's time (4 decode steps of ~90
             # instead of ~35 ms on a 2-core EPYC), and a hit needs the
             # evaluation done within about its idle time. Ingestion that is
-            # behind shares their steps. (Only running chunks count: what a
-            # waiting one still needs is known once its cached prefix is.)
-            ingest = (r for r in self.running if lanes[r.request_id] is Lane.INGEST)
-            beside = not first or needs(ingest) > self.cost.idle_tokens(False)
+            # behind (more than one long step to do, or its oldest data
+            # waiting past the lag target) shares their steps: a flash
+            # decode costs a shared step little (~10 ms on ~100), while
+            # steps of its own cost a question's each. (Only running chunks
+            # count: what a waiting one still needs is known once its
+            # cached prefix is.)
+            behind = needs(ingest) > self.cost.idle_tokens(False) or waited > self.cost.lag_target_s
+            beside = not first or behind
             waiting_first = any(lanes[r.request_id] is Lane.FLASH for r in waiting)
 
         def sits_out(r: Request) -> bool:
@@ -266,8 +287,6 @@ class StatefulScheduler(Scheduler):
             # arrive any moment and wait for the step in flight; none for a
             # while: long ones, for throughput.
             active = now - self._foreground_seen < self.active_window_s
-            arrivals = [r.arrival_time for r in self.running if lanes[r.request_id] is Lane.INGEST]
-            waited = time.time() - min(arrivals) if arrivals else 0.0  # vLLM stamps wall time
             allowance = self.cost.idle_tokens(active, waited)
         budget = min(needs(first) + allowance, self.max_num_scheduled_tokens)
         return hidden_running, hidden_waiting, max(1, budget)
@@ -284,7 +303,7 @@ class StatefulScheduler(Scheduler):
     def _record(self, output: SchedulerOutput) -> None:
         scheduled = output.num_scheduled_tokens
         drafts = output.scheduled_spec_decode_tokens
-        step = Step(started=time.monotonic())
+        step = Step(started=time.monotonic(), ingest_lag_s=self._ingest_lag_s)
         for req_id, n in scheduled.items():
             request = self.requests.get(req_id)
             if request is None:

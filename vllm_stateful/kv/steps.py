@@ -5,9 +5,10 @@
 * ``Step``: what one step computed, by kind and by request class; it feeds
   the step-cost fit (``pacing.py``) once the step's time is known;
 * ``StepTrace``: with ``VLLM_STATEFUL_STEP_TRACE=<file>``, one JSON line
-  per step (wall time, duration, and per request its class, tokens and
-  context). It is how question time is taken apart on a live engine: which
-  steps a question waited for, what shared its steps, what they cost.
+  per step (end time, duration, per request its class, tokens and context,
+  and the ingestion lag the scheduler saw). It is how question time is
+  taken apart on a live engine: which steps a question waited for, what
+  shared its steps, what they cost.
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ class Step:
     decoding: int = 0  # requests decoding (one token plus their drafts)
     prefilling: int = 0  # requests computing a prefill chunk
     ingest_tokens: int = 0
+    # How long the oldest data in the engine had waited since it was
+    # acknowledged, when the step was arranged (0 without ingestion).
+    ingest_lag_s: float = 0.0
     # (lane, tokens scheduled, tokens computed once the step is done) per request.
     requests: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class StepTrace:
-    """JSON lines of finished steps: ``[end, duration_s, requests]``."""
+    """JSON lines of finished steps: ``[end, duration_s, requests,
+    ingest_lag_s]`` (``end``: ``time.monotonic()``, system-wide)."""
 
     def __init__(self, path: str):
         self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 (lives with the engine)
@@ -74,4 +79,5 @@ class StepTrace:
         return cls(path) if path else None
 
     def write(self, step: Step, ended: float) -> None:
-        self._file.write(json.dumps([round(ended, 4), round(ended - step.started, 4), step.requests]) + "\n")
+        line = [round(ended, 4), round(ended - step.started, 4), step.requests, round(step.ingest_lag_s, 4)]
+        self._file.write(json.dumps(line) + "\n")

@@ -41,6 +41,9 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
     lag1 = [x["lag_s"] for x in rec.lags if x["t_ack"] < half]
     lag2 = [x["lag_s"] for x in rec.lags if x["t_ack"] >= half]
     server_lag = [x["server_lag_s"] for x in rec.lags]
+    quarters: list[list[float]] = [[], [], [], []]
+    for x in rec.lags:
+        quarters[min(int(4 * x["t_ack"] / rec.duration_s), 3)].append(x["lag_s"])
     flash_asks = [q for q in ok if flash_qid is not None and q["qid"] == flash_qid]
     hits = [q for q in flash_asks if q.get("flash")]
     delays = [a["t_ack"] - a["t_sched"] for a in rec.acks]
@@ -70,6 +73,8 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
         "lag_first_half_p99_s": pct(lag1, 99),
         "lag_second_half_p50_s": pct(lag2, 50),
         "lag_second_half_p99_s": pct(lag2, 99),
+        # Rising, or rising and falling with the streams' rotations.
+        "lag_p50_by_quarter_s": [pct(lags, 50) for lags in quarters],
         "server_lag_p50_s": pct(server_lag, 50),
         "appends_not_ingested": sum(1 for x in rec.lags if x["lag_s"] is None),
         "flash_asks": len(flash_asks),

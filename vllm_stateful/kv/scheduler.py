@@ -235,7 +235,9 @@ class StatefulScheduler(Scheduler):
         ingest = [r for r in self.running if lanes[r.request_id] is Lane.INGEST]
         # The ingestion lag: how long the oldest data in the engine, running
         # or waiting, has waited since it was acknowledged.
-        since = [data_since(r) for r in (*self.running, *waiting) if lanes[r.request_id] is Lane.INGEST]
+        since = [
+            data_since(r) for r in (*self.running, *waiting) if lanes[r.request_id] is Lane.INGEST
+        ]
         waited = time.time() - min(since) if since else 0.0
         self._ingest_lag_s = waited
         if foreground:

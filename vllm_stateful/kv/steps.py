@@ -79,5 +79,5 @@ class StepTrace:
         return cls(path) if path else None
 
     def write(self, step: Step, ended: float) -> None:
-        line = [round(ended, 4), round(ended - step.started, 4), step.requests, round(step.ingest_lag_s, 4)]
-        self._file.write(json.dumps(line) + "\n")
+        duration, lag = round(ended - step.started, 4), round(step.ingest_lag_s, 4)
+        self._file.write(json.dumps([round(ended, 4), duration, step.requests, lag]) + "\n")

@@ -152,7 +152,6 @@ async def test_flash_runs_alone_while_ingestion_keeps_up(engine, stock):
     assert result.token_ids == await reference(stock, s.tokens_at(v) + [41, 42], 4)
 
 
-
 async def test_engine_paces_by_the_age_of_acknowledged_data(engine, stock):
     """The engine paces ingestion by how long acknowledged data has waited
     (the tag's ``since``), not by how long the chunk in flight has: a large

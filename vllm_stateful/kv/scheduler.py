@@ -232,7 +232,6 @@ class StatefulScheduler(Scheduler):
         self._reorder_waiting(waiting, rank)
 
         first = [r for r in self.running if rank(r)[0] < Lane.INGEST]
-        ingest = [r for r in self.running if lanes[r.request_id] is Lane.INGEST]
         # The ingestion lag: how long the oldest data in the engine, running
         # or waiting, has waited since it was acknowledged.
         since = [
@@ -256,6 +255,7 @@ class StatefulScheduler(Scheduler):
             # steps of its own cost a question's each. (Only running chunks
             # count: what a waiting one still needs is known once its
             # cached prefix is.)
+            ingest = (r for r in self.running if lanes[r.request_id] is Lane.INGEST)
             behind = needs(ingest) > self.cost.idle_tokens(False) or waited > self.cost.lag_target_s
             beside = not first or behind
             waiting_first = any(lanes[r.request_id] is Lane.FLASH for r in waiting)

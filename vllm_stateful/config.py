@@ -144,8 +144,9 @@ class SchedulingConfig:
     active_step_factor: float = 1.5
     idle_step_factor: float = 12.0
     active_window_s: float = 10.0
-    # While questions come, once the oldest ingestion chunk in the engine
-    # has waited this long, steps grow in proportion, up to twice as long.
+    # The ingestion lag (age of the oldest acknowledged, un-ingested data in
+    # the engine) past which ingestion takes flash evaluations' steps and,
+    # while questions come, its steps grow in proportion, up to twice.
     ingest_lag_target_s: float = 1.0
     # Ingestion tokens a step may always carry, whatever the measurements
     # (so ingestion never stops entirely). Small: on CPU one prompt token

@@ -115,3 +115,30 @@ def test_per_prefill_cost_keeps_ingestion_out_beside_questions():
     assert fitted(MIXED, slack=0.5, min_tokens=4).ingest_beside(1)
     # Nothing fitted yet: ingestion is let in (the floor).
     assert StepCostModel().ingest_beside(1)
+
+
+def test_chunks_fill_a_step_by_time_each_paying_its_kv_read():
+    """``pack``: ingestion chunks share a step's room in order, each charged
+    the per-prefill cost (12 ms) on top of its tokens (2 ms each); a chunk
+    that would carry fewer than ``min_tokens`` sits out, except the first."""
+    per_prefill = 0.012
+    steps = [(p, d, r) for p, d in MIXED for r in ((1, 2) if p else (0,))]
+    model = StepCostModel(min_tokens=4)
+    for p, d, r in steps:
+        model.observe(FIXED + PER_DECODE * d + PER_TOKEN * p + per_prefill * r, p, d, r)
+    # 100 ms: 30 tokens (12 + 60 ms), then (100 - 72 - 12) / 2 = 8, then none.
+    assert model.pack(0.100, [30, 100, None]) == [30, 8, 0]
+    # The same room where a chunk must carry 16: the second sits out too.
+    model.min_tokens = 16
+    assert model.pack(0.100, [30, 100, None]) == [30, 0, 0]
+    # A need not known yet (a waiting chunk) takes what is left: 44 tokens.
+    assert model.pack(0.100, [None, 5]) == [44, 0]
+    # No room at all: the first still gets the floor, the rest sit out.
+    assert model.pack(0.005, [100, 50]) == [16, 0]
+    assert model.pack(-1.0, [3, 50]) == [3, 0]
+    # The time a step may take with no question running is what the token
+    # allowance was: one decode step (20 + 5 ms) plus the factor's share.
+    model.idle_factor = 6.0
+    assert model.idle_step_s() == pytest.approx(7 * 0.025)
+    assert model.step_s(2, 10, 1) == pytest.approx(FIXED + 2 * PER_DECODE + 10 * PER_TOKEN + per_prefill)
+    assert model.step_s(0) == pytest.approx(FIXED)

@@ -13,7 +13,8 @@ never assumed: the allowance follows the machine, the model and the
 context. Steps of every kind feed the fit, so it works under pure ingestion
 too, where no decode step ever runs.
 
-Three limits come out of it:
+Three limits come out of it (and ``pack``, which fits chunks of several
+streams into a step's time, each paying its per-prefill cost):
 
 * ``foreground_tokens(D)``: while questions (or any foreground requests)
   run, a step may carry only as many ingestion tokens as keep it within
@@ -124,10 +125,51 @@ class StepCostModel:
         question's wait short, but their fixed cost caps ingestion (on a
         2-core EPYC, steps of ~40 tokens ingested about half of what long
         ones do), so a stream falling behind would never catch up."""
+        return self._tokens_for(self._factor(active, waited_s), 1)
+
+    def _factor(self, active: bool, waited_s: float) -> float:
         if not active:
-            return self._tokens_for(self.idle_factor, 1)
+            return self.idle_factor
         boost = min(self.max_boost, max(1.0, waited_s / self.lag_target_s))
-        return self._tokens_for(min(self.active_factor * boost, self.idle_factor), 1)
+        return min(self.active_factor * boost, self.idle_factor)
+
+    def step_s(self, decoding: int, prompt_tokens: int = 0, prefilling: int = 0) -> float | None:
+        """The predicted time of a step (None until fitted)."""
+        step = self.decode_step_s(decoding)
+        if step is None or not self.per_token_s:
+            return None
+        if not decoding:
+            step -= self.per_decode_s or 0.0
+        return step + self.per_token_s * prompt_tokens + self.per_prefill_s * prefilling
+
+    def idle_step_s(self, active: bool = False, waited_s: float = 0.0) -> float | None:
+        """How long a step with no foreground work may take: what
+        ``idle_tokens`` allows, as time (None until fitted)."""
+        step = self.decode_step_s(1)
+        if step is None or not self.per_token_s:
+            return None
+        return step * (1.0 + self._factor(active, waited_s))
+
+    def pack(self, room_s: float, needs: list[int | None]) -> list[int]:
+        """Ingestion tokens per chunk, in order, so that the chunks fit in
+        ``room_s`` (the step's target time less what the rest of the step
+        costs). Each chunk pays ``per_prefill`` (its read of the stream's
+        KV) however few tokens it has, so the room goes to as few chunks as
+        possible: a chunk is cut (0) once what is left would not carry
+        ``min_tokens``; the first always gets up to ``min_tokens`` (ingestion
+        always progresses). ``None``: a need not known yet (a waiting
+        request, before its cached prefix is matched)."""
+        per_token = self.per_token_s or 1.0
+        grants: list[int] = []
+        for need in needs:
+            want = self.max_tokens if need is None else need
+            n = min(want, max(int((room_s - self.per_prefill_s) / per_token + 1e-6), 0))
+            if n < min(want, self.min_tokens):
+                n = 0 if any(grants) else min(want, self.min_tokens)
+            grants.append(n)
+            if n:
+                room_s -= self.per_prefill_s + per_token * n
+        return grants
 
     def _tokens_for(self, extra_steps: float, decoding: int) -> int:
         step = self.decode_step_s(decoding)

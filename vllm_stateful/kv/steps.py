@@ -30,6 +30,9 @@ class RequestWait:
     first_step: int | None = None
     ingest_tokens_before: int = 0  # ingestion computed in steps it sat out
     passed_over: int = 0  # consecutive steps it was ready but not scheduled
+    # Of those, the steps that carried foreground work: what it starves by
+    # (steps it sat out by choice, with none, do not count).
+    starving: int = 0
     # The most ingestion tokens that shared a step with this request.
     max_ingest_alongside: int = 0
 
@@ -59,6 +62,7 @@ class Step:
     decoding: int = 0  # requests decoding (one token plus their drafts)
     prefilling: int = 0  # requests computing a prefill chunk
     ingest_tokens: int = 0
+    foreground: int = 0  # foreground requests scheduled
     # How long the oldest data in the engine had waited since it was
     # acknowledged, when the step was arranged (0 without ingestion).
     ingest_lag_s: float = 0.0

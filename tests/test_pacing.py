@@ -68,13 +68,13 @@ def test_fit_follows_a_growing_context():
 
 def test_only_questions_make_ingestion_steps_short():
     # The scheduler shortens ingestion steps for a while after a question
-    # (kv/scheduler.py `_foreground_seen`); control requests are foreground
+    # (kv/arrange.py `_foreground_seen`); control requests are foreground
     # but not questions, so a feed that closes or probes sessions keeps its
     # full-speed steps. Classified on vLLM's own Request objects.
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from vllm_stateful.kv.scheduler import Lane, is_question, lane_of
+    from vllm_stateful.kv.lanes import Lane, is_question, lane_of
     from vllm_stateful.protocol import Op, RequestTag
 
     def request(op: Op | None) -> Request:
@@ -140,5 +140,6 @@ def test_chunks_fill_a_step_by_time_each_paying_its_kv_read():
     # allowance was: one decode step (20 + 5 ms) plus the factor's share.
     model.idle_factor = 6.0
     assert model.idle_step_s() == pytest.approx(7 * 0.025)
-    assert model.step_s(2, 10, 1) == pytest.approx(FIXED + 2 * PER_DECODE + 10 * PER_TOKEN + per_prefill)
+    expected = FIXED + 2 * PER_DECODE + 10 * PER_TOKEN + per_prefill
+    assert model.step_s(2, 10, 1) == pytest.approx(expected)
     assert model.step_s(0) == pytest.approx(FIXED)

@@ -32,16 +32,26 @@ requests that sit the step out, and the step's token budget.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm_stateful.config import SchedulingConfig
-from vllm_stateful.kv.lanes import Lane, asks, data_since, lane_for, need, needs, tag_of
+from vllm_stateful.kv.lanes import Lane, asks, data_since, lane_for, tag_of
 from vllm_stateful.kv.pacing import StepCostModel
 from vllm_stateful.kv.steps import StepLog
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
+
+
+def need(r: Request) -> int:
+    """Tokens the request would compute in a step with room for all."""
+    return max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
+
+
+def needs(requests: Iterable[Request]) -> int:
+    return sum(map(need, requests))
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Arrangement:
     hidden_waiting: list[Request]
     budget: int  # the step's token budget
     ingest_lag_s: float  # how long the oldest data in the engine has waited
+    lanes: dict[str, Lane]  # per request id, running and waiting
 
 
 class Arranger:
@@ -175,6 +186,7 @@ class Arranger:
             hidden_waiting=[r for r in waiting if r.request_id in out],
             budget=max(1, min(budget, max_tokens)),
             ingest_lag_s=waited,
+            lanes=lanes,
         )
 
     def _fill(

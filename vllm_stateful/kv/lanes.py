@@ -5,7 +5,6 @@ the plugin's (stateless OpenAI traffic) and are foreground."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from vllm_stateful.protocol import Op, RequestTag
@@ -57,12 +56,3 @@ def data_since(request: Request, tag: RequestTag | None) -> float:
     time)."""
     since = None if tag is None else tag.since
     return request.arrival_time if since is None else min(since, request.arrival_time)
-
-
-def need(r: Request) -> int:
-    """Tokens the request would compute in a step with room for all."""
-    return max(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, 0)
-
-
-def needs(requests: Iterable[Request]) -> int:
-    return sum(map(need, requests))

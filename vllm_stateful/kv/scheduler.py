@@ -30,7 +30,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_stateful.config import SchedulingConfig
-from vllm_stateful.kv.arrange import Arranger
+from vllm_stateful.kv.arrange import Arrangement, Arranger
 from vllm_stateful.kv.lanes import Lane, lane_of
 from vllm_stateful.kv.pacing import StepCostModel
 from vllm_stateful.kv.steps import Step, StepLog, StepTrace
@@ -76,10 +76,11 @@ class StatefulScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         full_budget = self.max_num_scheduled_tokens
         full_active = self.max_num_active_reqs
-        plan = self.arranger.arrange(self.running, list(self.waiting), full_budget)
+        waiting = list(self.waiting)
+        plan = self.arranger.arrange(self.running, waiting, full_budget)
         self.running[:] = plan.running
-        if plan.waiting != list(self.waiting):
-            self.waiting.remove_requests(list(self.waiting))
+        if plan.waiting != waiting:
+            self.waiting.remove_requests(waiting)
             for request in plan.waiting:
                 self.waiting.add_request(request)
         self.max_num_scheduled_tokens = plan.budget
@@ -94,7 +95,7 @@ class StatefulScheduler(Scheduler):
             self.running.extend(plan.hidden_running)
             for request in plan.hidden_waiting:
                 self.waiting.add_request(request)
-        self._record(output, plan.ingest_lag_s)
+        self._record(output, plan)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
@@ -120,10 +121,10 @@ class StatefulScheduler(Scheduler):
 
     # -------------------------------------------------------------- records
 
-    def _record(self, output: SchedulerOutput, ingest_lag_s: float) -> None:
+    def _record(self, output: SchedulerOutput, plan: Arrangement) -> None:
         scheduled = output.num_scheduled_tokens
         drafts = output.scheduled_spec_decode_tokens
-        step = Step(started=time.monotonic(), ingest_lag_s=ingest_lag_s)
+        step = Step(started=time.monotonic(), ingest_lag_s=plan.ingest_lag_s)
         for req_id, n in scheduled.items():
             request = self.requests.get(req_id)
             if request is None:
@@ -135,7 +136,11 @@ class StatefulScheduler(Scheduler):
                 step.prefilling += 1
             else:
                 step.decoding += 1
-            lane = lane_of(request)
+            # The arrangement classified what was running or waiting; only a
+            # request from vLLM's queue of KV-holding waiters is parsed here.
+            lane = plan.lanes.get(req_id)
+            if lane is None:
+                lane = lane_of(request)
             if lane is Lane.INGEST:
                 step.ingest_tokens += n
             elif lane is Lane.FOREGROUND:

@@ -136,10 +136,17 @@ def test_chunks_fill_a_step_by_time_each_paying_its_kv_read():
     # No room at all: the first still gets the floor, the rest sit out.
     assert model.pack(0.005, [100, 50]) == [16, 0]
     assert model.pack(-1.0, [3, 50]) == [3, 0]
-    # The time a step may take with no question running is what the token
-    # allowance was: one decode step (20 + 5 ms) plus the factor's share.
+    # The time a step may take with no question running is the step of one
+    # chunk of the token allowance: 20 ms fixed + 12 ms KV read + 6 decode
+    # steps (20 + 5 ms each), so a lone chunk gets the same 6 * 25 / 2 = 75
+    # tokens either way, and with a factor of 0 the floor only.
     model.idle_factor = 6.0
-    assert model.idle_step_s() == pytest.approx(7 * 0.025)
+    assert model.idle_step_s() == pytest.approx(FIXED + per_prefill + 6 * 0.025)
+    assert model.pack(model.idle_step_s() - model.step_s(0), [1000]) == [75]
+    assert model.idle_tokens() == 75
+    model.idle_factor = 0.0
+    assert model.pack(model.idle_step_s() - model.step_s(0), [1000, 1000]) == [16, 0]
+    assert model.pack(model.idle_step_s() - model.step_s(0), [None, None]) == [16, 0]
     expected = FIXED + 2 * PER_DECODE + 10 * PER_TOKEN + per_prefill
     assert model.step_s(2, 10, 1) == pytest.approx(expected)
     assert model.step_s(0) == pytest.approx(FIXED)

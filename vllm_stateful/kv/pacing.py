@@ -143,12 +143,14 @@ class StepCostModel:
         return step + self.per_token_s * prompt_tokens + self.per_prefill_s * prefilling
 
     def idle_step_s(self, active: bool = False, waited_s: float = 0.0) -> float | None:
-        """How long a step with no foreground work may take: what
-        ``idle_tokens`` allows, as time (None until fitted)."""
+        """How long a step with no foreground work may take: the step of one
+        chunk of ``idle_tokens`` (None until fitted). Exactly that, so a lone
+        chunk gets the same tokens by time as by count, and with a factor of
+        0 only the floor."""
         step = self.decode_step_s(1)
         if step is None or not self.per_token_s:
             return None
-        return step * (1.0 + self._factor(active, waited_s))
+        return self.step_s(0) + self.per_prefill_s + self._factor(active, waited_s) * step
 
     def pack(self, room_s: float, needs: list[int | None]) -> list[int]:
         """Ingestion tokens per chunk, in order, so that the chunks fit in

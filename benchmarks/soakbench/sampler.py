@@ -55,6 +55,9 @@ class SoakTarget(StatefulTarget):
         super().__init__(http, clock, notes, sampling)
         self.extra_flash = extra_flash
         self.live: dict[int, Handle] = {}  # id -> handle whose close has not returned
+        # Of those, the ones being closed: their event stream may already
+        # have ended (the "closed" event comes before close returns).
+        self.closing: set[int] = set()
         self.creating: list[int] = []  # prefix lengths of creates in flight
         self.sending: dict[int, int] = {}  # id(handle) -> tokens of appends in flight
         self.opened = self.closed_count = self.flash_registered = 0
@@ -94,9 +97,11 @@ class SoakTarget(StatefulTarget):
         return out
 
     async def close(self, h):
+        self.closing.add(id(h))
         try:
             await super().close(h)
         finally:
+            self.closing.discard(id(h))
             self.live.pop(id(h), None)
             self.sending.pop(id(h), None)
             self.closed_count += 1
@@ -107,8 +112,14 @@ class SoakTarget(StatefulTarget):
         held = {k: len(h.context) + self.sending.get(k, 0) for k, h in self.live.items()}
         return held, list(self.creating)
 
+    def open_sessions(self) -> list[Handle]:
+        """Live sessions not being closed: each must have its stream open."""
+        return [h for k, h in self.live.items() if k not in self.closing]
+
     def open_streams(self) -> int:
-        return sum(1 for h in self.live.values() if h.listener is not None and not h.listener.done())
+        return sum(
+            1 for h in self.open_sessions() if h.listener is not None and not h.listener.done()
+        )
 
 
 @dataclass
@@ -217,7 +228,8 @@ class Sampler:
             flash_queries=g["vllm_stateful_flash_queries"],
             requests_running=g["vllm:num_requests_running"],
             requests_waiting=g["vllm:num_requests_waiting"],
-            client_sessions=len(self.target.live), client_streams=self.target.open_streams(),
+            client_sessions=len(self.target.open_sessions()),
+            client_streams=self.target.open_streams(),
             tokens_bound=sum(held.values()) + sum(creating),
             blocks_bound=sum(blocks(n, bs) for n in [*held.values(), *creating]),
             opened=self.target.opened, answered=self.target.answered,

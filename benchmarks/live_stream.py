@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--progress-s", type=float, default=10.0, help="seconds between progress lines")
     a("--csv", default=None, help="tick CSV (DateTime,Price,Volume) instead of mlfinpy's")
     a("--seed", type=int, default=0)
+    a("--repeats", type=int, default=1,
+      help="runs of every level, one after another over all levels (seeds seed, seed+1, ...); "
+      "the report adds the medians over runs")  # fmt: skip
     a("--startup-timeout", type=float, default=1800.0)
     a("--out", default=None, help="output folder (default benchmarks/results)")
     a("--stem", default="live_stream")
@@ -214,7 +217,9 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                       f"{results['evaluation_ms']:.0f} ms = max_staleness_ms", flush=True)  # fmt: skip
             plans: list[LevelPlan] = state.setdefault("plans", build_plans(args, state))
             for plan in plans:
-                label = f"{spec.label} | {plan.sessions} sessions | {plan.load:.0%}"
+                rep = plan.meta.get("repeat", 0)
+                label = f"{spec.label} | {plan.sessions} sessions | {plan.load:.0%}" + (
+                    f" | run {rep + 1}/{args.repeats}" if args.repeats > 1 else "")
                 cfg = LevelConfig(
                     start_context=args.start_context,
                     rotate_at=state["rotate_at"][plan.sessions],
@@ -237,10 +242,11 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                     print(f"[{label}] failed:\n{traceback.format_exc()}", flush=True)
                     results["levels"].append({"engine": spec.label, "sessions": plan.sessions,
                                               "load": plan.load, "offered_tps": plan.offered_tps,
+                                              "repeat": rep, "repeats": args.repeats,
                                               "failed": f"{type(exc).__name__}: {exc}"[:500],
                                               "summary": None, "asked": []})  # fmt: skip
                     continue
-                level = asdict(rec)
+                level = {**asdict(rec), "repeat": rep, "repeats": args.repeats}
                 level["summary"] = report.summarize(rec, idle, flash["id"] if flash else None)
                 results["levels"].append(level)
                 s = level["summary"]
@@ -259,16 +265,22 @@ def build_plans(args, state) -> list[LevelPlan]:
     cap = state["capacity"]["tps"]
     flash_id = next(q.id for q in state["questions"] if q.flash)
     plans = []
-    for n in args.session_counts:
-        for load in args.load_levels:
-            plans.append(plan_level(
-                source=state["source"], header=state["header"], sessions=n, load=load,
-                capacity_tps=cap, duration_s=args.duration_s, start_context=args.start_context,
-                lines_per_append=args.lines_per_append, question_rate=args.question_rate,
-                qids=[q.id for q in state["questions"]], seed=args.seed,
-                rotate_at=state["rotate_at"][n],
-                flash_reads=(flash_id, args.flash_rate) if args.flash_rate > 0 else None,
-            ))  # fmt: skip
+    # Repeats go round all levels in turn, so that a drift of the machine
+    # over the run does not fall on one level; each run has its own seed
+    # (question and read times).
+    for rep in range(args.repeats):
+        for n in args.session_counts:
+            for load in args.load_levels:
+                plan = plan_level(
+                    source=state["source"], header=state["header"], sessions=n, load=load,
+                    capacity_tps=cap, duration_s=args.duration_s, start_context=args.start_context,
+                    lines_per_append=args.lines_per_append, question_rate=args.question_rate,
+                    qids=[q.id for q in state["questions"]], seed=args.seed + rep,
+                    rotate_at=state["rotate_at"][n],
+                    flash_reads=(flash_id, args.flash_rate) if args.flash_rate > 0 else None,
+                )  # fmt: skip
+                plan.meta["repeat"] = rep
+                plans.append(plan)
     return plans
 
 
@@ -366,8 +378,8 @@ async def main_async(args) -> int:
                            f"{rotate_at}), questions {args.question_rate:g}/s Poisson "
                            f"+ flash reads {args.flash_rate:g}/s, "
                            f"{args.max_tokens} greedy tokens, {'eager' if args.eager else 'compiled'}, "
-                           f"KV {args.kv_gib} GiB, backlog bound {args.backlog_tokens} tokens per "
-                           f"session and {args.backlog_tokens_total} in all, seed {args.seed}"),
+                           f"{args.repeats} run(s) per level, KV {args.kv_gib} GiB, "
+                           f"backlog bound {args.backlog_tokens} tokens per session and {args.backlog_tokens_total} in all, seed {args.seed}"),
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "questions": [{"id": q.id, "text": q.text, "tokens": len(q.ids), "flash": q.flash} for q in qs],
             "rotate_at": rotate_at, "representative_context": rep_context,

@@ -119,8 +119,9 @@ def row(level: dict[str, Any]) -> list[str]:
     s = level["summary"]
     stock = level["engine"] != "vllm-stateful"
     verified = s["all_appends_in_session"]
+    runs = level.get("repeats", 1)
     return [
-        level["engine"],
+        level["engine"] + (f" (run {level['repeat'] + 1}/{runs})" if runs > 1 else ""),
         str(level["sessions"]),
         f"{level['load']:.0%}",
         f"{level['offered_tps']:.0f}",
@@ -146,6 +147,47 @@ def row(level: dict[str, Any]) -> list[str]:
 def table(levels: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(row(lv)) + " |" for lv in levels]
+    return "\n".join(out)
+
+
+MEDIAN_COLUMNS = (
+    "engine", "sessions", "load", "runs", "p50 / idle: median (each run)",
+    "p99 / idle: median (each run)", "lag p50, 2nd / 1st half: median (each run, ms)",
+    "flash hits, all runs",
+)  # fmt: skip
+
+
+def medians(levels: list[dict[str, Any]]) -> str:
+    """One row per level run more than once: the median of each figure over
+    the runs, and every run's value (a single run of ~50 computed answers
+    moves by ~10% from run to run)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for lv in levels:
+        if lv.get("summary") is not None and lv.get("repeats", 1) > 1:
+            groups.setdefault((lv["engine"], lv["sessions"], lv["load"]), []).append(lv["summary"])
+    if not groups:
+        return ""
+
+    def each(ss: list[dict[str, Any]], key: str, fmt) -> str:
+        xs = [s[key] for s in ss]
+        return f"{fmt(pct(xs, 50))} ({', '.join(fmt(x) for x in xs)})"
+
+    def times(x: float | None) -> str:
+        return _num(x, "{:.2f}x")
+
+    def lag(s: dict[str, Any]) -> str:
+        return f"{ms(s['lag_first_half_p50_s'])} -> {ms(s['lag_second_half_p50_s'])}"
+
+    out = ["| " + " | ".join(MEDIAN_COLUMNS) + " |", "|" + "---|" * len(MEDIAN_COLUMNS)]
+    for (engine, n, load), ss in groups.items():
+        stock = engine != "vllm-stateful"
+        growth = [ratio(s["lag_second_half_p50_s"], s["lag_first_half_p50_s"]) for s in ss]
+        out.append("| " + " | ".join([
+            engine, str(n), f"{load:.0%}", str(len(ss)),
+            each(ss, "p50_vs_idle", times), each(ss, "p99_vs_idle", times),
+            "n/a" if stock else f"2nd/1st {times(pct(growth, 50))} ({'; '.join(map(lag, ss))})",
+            "n/a" if stock else f"{sum(s['flash_hits'] for s in ss)}/{sum(s['flash_asks'] for s in ss)}",
+        ]) + " |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -181,6 +223,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         table(res["levels"]),
     ]
+    summary = medians(res["levels"])
+    if summary:
+        lines += ["", "Medians over the runs of each level:", "", summary]
     if res.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines)

@@ -226,3 +226,32 @@ def test_durability_smoke(tmp_path: Path) -> None:
     [restart] = res["restart"]
     assert len(restart["recompute_s"]) == len(restart["disk_s"]) == 1
     assert "Append acknowledgement" in (tmp_path / "durability.md").read_text()
+
+
+def test_live_report_medians_over_runs(monkeypatch) -> None:
+    """``live_stream.py --repeats``: one row per level run more than once,
+    each figure the median over its runs, next to every run's value; levels
+    run once have no row. Expected strings are worked out by hand."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from livebench import report
+
+    def level(engine: str, repeat: int, repeats: int, p50: float, p99: float,
+              lag1: float, lag2: float, hits: int, asks: int) -> dict:  # fmt: skip
+        return {"engine": engine, "sessions": 4, "load": 0.5, "repeat": repeat,
+                "repeats": repeats, "summary": {
+                    "p50_vs_idle": p50, "p99_vs_idle": p99, "lag_first_half_p50_s": lag1,
+                    "lag_second_half_p50_s": lag2, "flash_hits": hits, "flash_asks": asks}}  # fmt: skip
+
+    runs = [
+        level("vllm-stateful", 0, 3, 1.2, 1.5, 1.0, 1.5, 50, 60),
+        level("vllm-stateful", 1, 3, 1.4, 1.1, 1.0, 1.0, 55, 60),
+        level("vllm-stateful", 2, 3, 1.3, 2.0, 0.8, 1.2, 58, 60),
+    ]
+    once = [level("vLLM, prefix caching on", 0, 1, 9.0, 9.0, 0.0, 0.0, 0, 0)]
+    lines = report.medians(runs + once).splitlines()
+    assert len(lines) == 3  # header, rule, one level
+    assert lines[2] == (
+        "| vllm-stateful | 4 | 50% | 3 | 1.30x (1.20x, 1.40x, 1.30x) | 1.50x (1.50x, 1.10x, 2.00x) "
+        "| 2nd/1st 1.50x (1000 -> 1500; 1000 -> 1000; 800 -> 1200) | 163/180 |"
+    )
+    assert report.medians(once) == ""

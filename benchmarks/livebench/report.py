@@ -200,7 +200,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Command: `{m['command']}`  ",
         f"Machine: {m['machine']}; CPU flags: {m['cpu_flags']}  ",
         f"Software: vLLM {m['vllm']}, torch {m['torch']}, Python {m['python']}  ",
-        f"Model: {m['model']}, dtype {m['dtype']}  ",
+        f"Model: {m['model']}, dtype {m['dtype']}, KV cache {m.get('kv_cache_dtype', 'auto')}  ",
         f"Data: {m['data']}  ",
         f"Run: {m['started']}, {m.get('wall_s', 0) / 60:.1f} min; {m['parameters']}",
         "",
@@ -212,7 +212,7 @@ def markdown(res: dict[str, Any]) -> str:
         "Latencies are end to end on the client, waiting included. \"p50/p99\" cover answers "
         "the engine computed (flash hits are counted under \"flash hits\"); \"idle\" is the same "
         "question at the same context on an idle engine (feed paused, data ingested; stock vLLM: "
-        "the context already in its prefix cache). Lag: append acknowledged to the `ingested` "
+        "the context already in its prefix cache; measured again before each run of the levels). Lag: append acknowledged to the `ingested` "
         "event covering it. Stock vLLM has no ingestion: its questions carry the whole context.",
         "",
         "Load counts all the ingestion a stream makes: when a stream reaches its rotation point "
@@ -243,17 +243,19 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, n in zip(axes[:, 0], sessions):
         for lv in (x for x in res["levels"] if x["sessions"] == n):
-            key = (lv["engine"], lv["load"])
+            key = (lv["engine"], lv["load"], lv.get("repeat", 0))
             c = colors.setdefault(key, palette[len(colors) % len(palette)])
             qs = [q for q in lv["asked"] if q["e2e_s"] is not None]
             comp = [q for q in qs if not q.get("flash")]
             hits = [q for q in qs if q.get("flash")]
             ls = "-" if lv["engine"] == "vllm-stateful" else ":"
+            name = f"{lv['engine']} {lv['load']:.0%}" + (
+                f" run {lv['repeat'] + 1}" if lv.get("repeats", 1) > 1 else "")
             ax.plot([q["t_start"] for q in comp], [q["e2e_s"] for q in comp], ls, marker="o",
-                    ms=3, lw=0.8, color=c, label=f"{lv['engine']} {lv['load']:.0%}")  # fmt: skip
+                    ms=3, lw=0.8, color=c, label=name)  # fmt: skip
             if hits:
                 ax.plot([q["t_start"] for q in hits], [q["e2e_s"] for q in hits], "x", ms=4,
-                        color=c, label=f"{lv['engine']} {lv['load']:.0%} flash hits")  # fmt: skip
+                        color=c, label=f"{name} flash hits")  # fmt: skip
         ax.set_yscale("log")
         ax.set_title(f"{n} session{'s' if n > 1 else ''}")
         ax.set_ylabel("question latency (s)")

@@ -28,6 +28,7 @@ class LaunchOptions:
     budget_fraction: float  # share of that KV that sessions may pin
     threads: int  # llama.cpp threads (vLLM uses every core by itself)
     max_model_len: int
+    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype (auto: the model's dtype)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class EngineSpec:
         if self.key == "llamacpp":
             return "bf16 weights (GGUF), f16 KV"
         dt = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(o.dtype, o.dtype)
-        return f"{dt} weights, {dt} KV"
+        return f"{dt} weights, {dt if o.kv_cache_dtype == 'auto' else o.kv_cache_dtype} KV"
 
     def configuration(self, o: LaunchOptions) -> str:
         """Everything set beyond the server's defaults, and why."""
@@ -74,7 +75,8 @@ class EngineSpec:
         vllm_flags = common + [
             "--dtype", o.dtype, "--served-model-name", SERVED_NAME,
             "--max-model-len", str(o.max_model_len), "--disable-uvicorn-access-log",
-        ] + (["--enforce-eager"] if o.eager else [])  # fmt: skip
+        ] + (["--enforce-eager"] if o.eager else []) + (
+            ["--kv-cache-dtype", o.kv_cache_dtype] if o.kv_cache_dtype != "auto" else [])  # fmt: skip
         vllm_env = {"VLLM_CPU_KVCACHE_SPACE": str(o.kv_gib)}
         if self.key == "stateful":
             script = Path(py).with_name("vllm-stateful")

@@ -101,6 +101,12 @@ class StepCostModel:
         n, s, ss = self._xtx[0, 0], self._xtx[0, i], self._xtx[i, i]
         return n * ss - s * s > 1e-9 * max(n * ss, 1.0)
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the steps so far gave a fit (``_fit`` sets the fixed and
+        the per-token cost together, both positive)."""
+        return self.fixed_s is not None
+
     def decode_step_s(self, decoding: int) -> float | None:
         if self.fixed_s is None:
             return None
@@ -113,9 +119,9 @@ class StepCostModel:
         """Whether an ingestion chunk of the floor's size keeps a step of
         ``decoding`` foreground requests within ``1 + slack`` of their pure
         decode step (true until something is fitted)."""
-        step = self.decode_step_s(decoding)
-        if step is None or not self.per_token_s:
+        if not self.fitted:
             return True
+        step = self.decode_step_s(decoding)
         return self.per_prefill_s + self.per_token_s * self.min_tokens <= self.slack * step
 
     def idle_tokens(self, active: bool = False, waited_s: float = 0.0) -> int:
@@ -135,9 +141,9 @@ class StepCostModel:
 
     def step_s(self, decoding: int, prompt_tokens: int = 0, prefilling: int = 0) -> float | None:
         """The predicted time of a step (None until fitted)."""
-        step = self.decode_step_s(decoding)
-        if step is None or not self.per_token_s:
+        if not self.fitted:
             return None
+        step = self.decode_step_s(decoding)
         if not decoding:
             step -= self.per_decode_s or 0.0
         return step + self.per_token_s * prompt_tokens + self.per_prefill_s * prefilling
@@ -147,10 +153,10 @@ class StepCostModel:
         chunk of ``idle_tokens`` (None until fitted). Exactly that, so a lone
         chunk gets the same tokens by time as by count, and with a factor of
         0 only the floor."""
-        step = self.decode_step_s(1)
-        if step is None or not self.per_token_s:
+        if not self.fitted:
             return None
-        return self.step_s(0) + self.per_prefill_s + self._factor(active, waited_s) * step
+        factor = self._factor(active, waited_s)
+        return self.step_s(0) + self.per_prefill_s + factor * self.decode_step_s(1)
 
     def pack(self, room_s: float, needs: list[int | None]) -> list[int]:
         """Ingestion tokens per chunk, in order, so that the chunks fit in
@@ -174,10 +180,9 @@ class StepCostModel:
         return grants
 
     def _tokens_for(self, extra_steps: float, decoding: int) -> int:
-        step = self.decode_step_s(decoding)
-        if step is None or not self.per_token_s:
+        if not self.fitted:
             # Nothing fitted yet: the floor beside questions, moderate steps
             # otherwise (their spread is what the first fit needs).
             return self.min_tokens if extra_steps < 1 else min(64 * self.min_tokens, self.max_tokens)
-        tokens = int(extra_steps * step / self.per_token_s + 1e-6)
+        tokens = int(extra_steps * self.decode_step_s(decoding) / self.per_token_s + 1e-6)
         return max(self.min_tokens, min(tokens, self.max_tokens))

@@ -105,7 +105,7 @@ class StatefulScheduler(Scheduler):
             self.cost.observe(now - step.started, step.prompt_tokens, step.decoding, step.prefilling)
             if self._trace is not None:
                 self._trace.write(step, now)
-            if now - self._logged_at > LOG_EVERY_S and self.cost.per_token_s:
+            if now - self._logged_at > LOG_EVERY_S and self.cost.fitted:
                 self._logged_at = now
                 logger.info(
                     "vllm-stateful pacing: step %.1f ms + %.1f ms per decoding request "

@@ -46,6 +46,7 @@ from marketbench.engines import ENGINES, LaunchOptions  # noqa: E402
 from marketbench.machine import cpu_info, machine, version_of  # noqa: E402
 from marketbench.feed import lines as feed_lines  # noqa: E402
 from marketbench.servers import Server, ServerFailed, free_port  # noqa: E402
+from vllm_stateful.client import connection_limits  # noqa: E402
 from vllm_stateful.config import SchedulingConfig  # noqa: E402
 
 SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
@@ -175,7 +176,7 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                                "configuration": spec.configuration(state["opts"])})  # fmt: skip
     sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     clock = Clock()
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+    limits = connection_limits(max_connections=512, max_keepalive_connections=256)
     try:
         async with httpx.AsyncClient(base_url=server.base_url, limits=limits,
                                      timeout=httpx.Timeout(None, connect=30.0)) as http:  # fmt: skip

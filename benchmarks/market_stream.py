@@ -245,6 +245,8 @@ async def run_engine(
 ) -> None:
     import httpx
 
+    from vllm_stateful.client import connection_limits
+
     port = free_port()
     argv, env = spec.command(opts, port)
     server = Server(
@@ -260,7 +262,7 @@ async def run_engine(
     rec.startup_s = server.startup_s
     progress.log(f"[{spec.label}] healthy after {server.startup_s:.0f} s")
     timeout = httpx.Timeout(None, connect=30.0)
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=128)
+    limits = connection_limits(max_connections=256, max_keepalive_connections=128)
     clock = Clock()
     try:
         async with httpx.AsyncClient(

@@ -45,6 +45,8 @@ sys.path.insert(0, str(HERE))
 
 from marketbench.machine import cpu_info, machine, version_of  # noqa: E402
 
+from vllm_stateful.client import connection_limits  # noqa: E402
+
 RESULTS = HERE / "results"
 LOOPBACK = "127.0.0.1"
 PREFIX_LINES = 40  # ~tick lines in each session's prefix
@@ -166,7 +168,7 @@ async def singles(bases: dict[str, str], reps: int, max_tokens: int) -> list[Sin
 
 async def load(base: str, name: str, replicas: int, sessions: int, duration_s: float,
                max_tokens: int) -> LoadResult:  # fmt: skip
-    limits = httpx.Limits(max_connections=4 * sessions, max_keepalive_connections=4 * sessions)
+    limits = connection_limits(max_connections=4 * sessions, max_keepalive_connections=4 * sessions)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         rngs = [random.Random(1000 + i) for i in range(sessions)]
         opened = [await create(client, rng) for rng in rngs]

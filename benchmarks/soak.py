@@ -186,6 +186,8 @@ async def settle(sampler: Sampler, free_before: int | None, timeout_s: float, on
 async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -> None:
     import httpx
 
+    from vllm_stateful.client import connection_limits
+
     qs = state["questions"]
     sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     flash_q = next(q for q in qs if q.flash)
@@ -194,7 +196,7 @@ async def soak(args, server: Server, state: dict, results: dict, notes: Notes) -
              "max_staleness_ms": args.max_staleness_ms}  # fmt: skip
     extra = {"id": second_q.id, "prompt": list(second_q.ids), **sampling,
              "max_staleness_ms": args.max_staleness_ms}  # fmt: skip
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+    limits = connection_limits(max_connections=512, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits,
                                  timeout=httpx.Timeout(None, connect=30.0)) as http:  # fmt: skip
         target = SoakTarget(http, Clock(), notes, sampling, extra)

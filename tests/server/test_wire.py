@@ -85,3 +85,21 @@ def test_sse_parser():
     assert completion_delta("[DONE]") is None
     with pytest.raises(ContextLengthError, match="too long"):
         completion_delta('{"error": {"message": "too long", "code": "context_length_exceeded"}}')
+
+
+async def test_clients_drop_idle_connections_before_the_server_does():
+    """vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+    seconds; httpx's default expiry is the same 5 s, so a request could go
+    out on a connection the server was closing (a ReadError). Both clients'
+    pools expire idle connections sooner."""
+    from vllm import envs
+
+    from vllm_stateful.client import AsyncClient, Client, connection_limits
+
+    assert connection_limits().keepalive_expiry < envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+    with Client("http://127.0.0.1:9") as sync_client:
+        pool = sync_client._http._transport._pool
+        assert pool._keepalive_expiry == connection_limits().keepalive_expiry
+    async with AsyncClient("http://127.0.0.1:9") as async_client:
+        pool = async_client._http._transport._pool
+        assert pool._keepalive_expiry == connection_limits().keepalive_expiry

@@ -8,11 +8,15 @@
         print(s.query(" last price?", max_tokens=8, temperature=0).text)
         s.close()
 
+A client built on your own ``httpx`` client (``http=``) should use
+:func:`connection_limits`: it drops idle connections before the server does.
+
 Errors are the typed exceptions of :mod:`vllm_stateful.errors` (and
 :mod:`vllm_stateful.server.errors` for credentials), carrying the server's
 message. Imports neither vLLM nor FastAPI.
 """
 
+from vllm_stateful.client._wire import connection_limits
 from vllm_stateful.client.aio import AsyncClient, AsyncSession
 from vllm_stateful.client.sync import Client, Session
 from vllm_stateful.errors import (
@@ -66,4 +70,5 @@ __all__ = [
     "StatefulError",
     "TenantLimitError",
     "UnauthorizedError",
+    "connection_limits",
 ]

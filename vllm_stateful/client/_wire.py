@@ -1,5 +1,6 @@
 """What the sync and async clients share: requests as data, response parsing,
-error mapping and SSE framing. No I/O here, so both clients stay thin."""
+error mapping, SSE framing and connection limits. No I/O here, so both
+clients stay thin."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from vllm_stateful.errors import StatefulError
@@ -31,6 +33,23 @@ class Call:
 
     def headers(self) -> dict[str, str]:
         return {TOKEN_HEADER: self.token} if self.token else {}
+
+
+# A connection idle this long is dropped by the client, before the server
+# drops it: vLLM's server (uvicorn) closes a connection idle for
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s), and so does httpx by default, so a
+# request could go out on a connection the server was closing and fail with
+# a ReadError (it stopped a benchmark's feed once in ~2,000 appends).
+KEEPALIVE_EXPIRY_S = 2.0
+
+
+def connection_limits(max_connections: int = 100, max_keepalive_connections: int = 20) -> httpx.Limits:
+    """httpx's connection limits (its defaults) with ``KEEPALIVE_EXPIRY_S``."""
+    return httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

@@ -33,7 +33,8 @@ class AsyncClient:
         http: httpx.AsyncClient | None = None,
     ):
         self._http = http or httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=_wire.auth_headers(api_key), timeout=timeout
+            base_url=base_url.rstrip("/"), headers=_wire.auth_headers(api_key), timeout=timeout,
+            limits=_wire.connection_limits(),
         )
 
     async def __aenter__(self) -> AsyncClient:

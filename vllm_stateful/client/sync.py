@@ -34,7 +34,8 @@ class Client:
         http: httpx.Client | None = None,
     ):
         self._http = http or httpx.Client(
-            base_url=base_url.rstrip("/"), headers=_wire.auth_headers(api_key), timeout=timeout
+            base_url=base_url.rstrip("/"), headers=_wire.auth_headers(api_key), timeout=timeout,
+            limits=_wire.connection_limits(),
         )
 
     def __enter__(self) -> Client:

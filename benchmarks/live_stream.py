@@ -260,7 +260,7 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                                               "failed": f"{type(exc).__name__}: {exc}"[:500],
                                               "summary": None, "asked": []})  # fmt: skip
                     continue
-                level = {**asdict(rec), "repeat": rep, "repeats": args.repeats}  # idle: that run's
+                level = {**asdict(rec), "repeat": rep, "repeats": args.repeats}
                 level["summary"] = report.summarize(rec, idle, flash["id"] if flash else None)
                 results["levels"].append(level)
                 s = level["summary"]

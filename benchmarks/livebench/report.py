@@ -182,11 +182,12 @@ def medians(levels: list[dict[str, Any]]) -> str:
     for (engine, n, load), ss in groups.items():
         stock = engine != "vllm-stateful"
         growth = [ratio(s["lag_second_half_p50_s"], s["lag_first_half_p50_s"]) for s in ss]
+        hits = f"{sum(s['flash_hits'] for s in ss)}/{sum(s['flash_asks'] for s in ss)}"
         out.append("| " + " | ".join([
             engine, str(n), f"{load:.0%}", str(len(ss)),
             each(ss, "p50_vs_idle", times), each(ss, "p99_vs_idle", times),
             "n/a" if stock else f"2nd/1st {times(pct(growth, 50))} ({'; '.join(map(lag, ss))})",
-            "n/a" if stock else f"{sum(s['flash_hits'] for s in ss)}/{sum(s['flash_asks'] for s in ss)}",
+            "n/a" if stock else hits,
         ]) + " |")  # fmt: skip
     return "\n".join(out)
 
@@ -212,8 +213,9 @@ def markdown(res: dict[str, Any]) -> str:
         "Latencies are end to end on the client, waiting included. \"p50/p99\" cover answers "
         "the engine computed (flash hits are counted under \"flash hits\"); \"idle\" is the same "
         "question at the same context on an idle engine (feed paused, data ingested; stock vLLM: "
-        "the context already in its prefix cache; measured again before each run of the levels). Lag: append acknowledged to the `ingested` "
-        "event covering it. Stock vLLM has no ingestion: its questions carry the whole context.",
+        "the context already in its prefix cache; measured again before each run of the "
+        "levels). Lag: append acknowledged to the `ingested` event covering it. Stock vLLM "
+        "has no ingestion: its questions carry the whole context.",
         "",
         "Load counts all the ingestion a stream makes: when a stream reaches its rotation point "
         "it moves to a fresh session that ingests its newest ticks again (the start context), "

@@ -43,7 +43,9 @@ class Call:
 KEEPALIVE_EXPIRY_S = 2.0
 
 
-def connection_limits(max_connections: int = 100, max_keepalive_connections: int = 20) -> httpx.Limits:
+def connection_limits(
+    max_connections: int = 100, max_keepalive_connections: int = 20
+) -> httpx.Limits:
     """httpx's connection limits (its defaults) with ``KEEPALIVE_EXPIRY_S``."""
     return httpx.Limits(
         max_connections=max_connections,

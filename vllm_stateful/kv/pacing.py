@@ -108,7 +108,7 @@ class StepCostModel:
         return self.fixed_s is not None
 
     def decode_step_s(self, decoding: int) -> float | None:
-        if self.fixed_s is None:
+        if not self.fitted:
             return None
         return self.fixed_s + (self.per_decode_s or 0.0) * max(decoding, 1)
 

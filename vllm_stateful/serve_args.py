@@ -16,7 +16,9 @@ It sets, unless the user already did:
   ``NUMBA_THREADING_LAYER=workqueue`` unless set (``numba_threads.py``);
 
 and ``VLLM_PLUGINS`` names the ``stateful`` endpoint plugin (endpoint
-plugins load only when named), keeping every plugin that was enabled.
+plugins load only when named), keeping every plugin that was enabled;
+``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` (how long the server keeps an idle
+connection) is ``KEEP_ALIVE_S`` unless set.
 
 It refuses what cannot work: another KV connector, prefix caching off, more
 than one API server process, data-parallel engines (a session's state and
@@ -33,6 +35,15 @@ from vllm_stateful.config import connector_config, scheduler_cls, speculative_co
 
 PLUGIN_NAME = "stateful"  # the entry point name of both of our vLLM plugins
 GENERAL_PLUGINS_GROUP = "vllm.general_plugins"
+
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+# seconds, 5 by default: exactly httpx's own idle expiry (the openai
+# client's too), so a request could go out on a connection the server was
+# closing and fail with a ReadError (it stopped a benchmark's feed once in
+# ~2,000 appends). A feed pauses for seconds between appends; the server
+# waits longer than clients keep idle connections.
+KEEP_ALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"
+KEEP_ALIVE_S = 30
 
 
 class UsageError(Exception):
@@ -52,13 +63,15 @@ def plugins_allowlist(current: str | None, installed_general: Iterable[str]) -> 
 
 
 def enable_plugin(environ: MutableMapping[str, str]) -> None:
-    """Name ``stateful`` in ``VLLM_PLUGINS``. In time for the endpoint plugin
-    as long as it runs before the API server builds its app; the engine core
-    inherits the environment."""
+    """Name ``stateful`` in ``VLLM_PLUGINS`` and set the server's idle
+    connection timeout (``KEEP_ALIVE_S``) unless given. In time for the
+    endpoint plugin and the HTTP server as long as it runs before the API
+    server builds its app; the engine core inherits the environment."""
     from importlib.metadata import entry_points
 
     installed = [ep.name for ep in entry_points(group=GENERAL_PLUGINS_GROUP)]
     environ["VLLM_PLUGINS"] = plugins_allowlist(environ.get("VLLM_PLUGINS"), installed)
+    environ.setdefault(KEEP_ALIVE_ENV, str(KEEP_ALIVE_S))
 
 
 def prepare_args(args: argparse.Namespace) -> argparse.Namespace:

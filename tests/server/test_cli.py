@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from vllm_stateful.cpu_dtype import cpu_dtype, cpu_flags
-from vllm_stateful.serve_args import UsageError, plugins_allowlist, prepare_args
+from vllm_stateful.serve_args import (
+    KEEP_ALIVE_ENV,
+    KEEP_ALIVE_S,
+    UsageError,
+    enable_plugin,
+    plugins_allowlist,
+    prepare_args,
+)
 from vllm_stateful.serve_flag import add_flag, asked, is_serve_parser
 
 from .conftest import (
@@ -54,6 +62,28 @@ def test_plugins_allowlist_keeps_what_the_user_enabled():
     assert plugins_allowlist("mine", ["lora_a"]) == "mine,stateful"
     assert plugins_allowlist("stateful,mine", []) == "stateful,mine"
     assert plugins_allowlist("", ["lora_a"]) == "stateful"  # "" enabled nothing
+
+
+def test_server_idle_timeout_outlasts_clients_unless_set():
+    env: dict[str, str] = {}
+    enable_plugin(env)
+    assert env[KEEP_ALIVE_ENV] == "30" == str(KEEP_ALIVE_S)
+    env = {KEEP_ALIVE_ENV: "7"}
+    enable_plugin(env)
+    assert env[KEEP_ALIVE_ENV] == "7"
+
+
+def test_server_keeps_an_idle_connection_past_vllms_default(server):
+    """vLLM closes a connection idle for 5 s by default, httpx's own idle
+    expiry (a request can then go out on a connection being closed); with
+    the plugin the server keeps it ``KEEP_ALIVE_S``: after 6 s idle the
+    next request goes over the same connection."""
+    with server.http(limits=httpx.Limits(keepalive_expiry=60)) as http:
+        first = http.get("/health")
+        time.sleep(6)
+        second = http.get("/health")
+    assert first.status_code == second.status_code == 200
+    assert first.extensions["network_stream"] is second.extensions["network_stream"]
 
 
 def test_asked_only_by_the_flag():

@@ -181,3 +181,50 @@ async def test_engine_paces_by_the_age_of_acknowledged_data(engine, stock):
     # from its arrival would be about 0 at its first step.
     start, lag = mine[-(INGEST_CHUNK_TOKENS // INGEST_STEP_TOKENS)]
     assert lag >= 0.5 * (start - acknowledged) > 0
+
+
+async def test_flash_admission_joins_ingestion_that_is_behind(engine, stock):
+    """While ingestion is behind (two large appends: a running chunk needs
+    more than one long step), a flash evaluation is not admitted in a step of its
+    own, which would make all ingestion sit it out: its prefill shares an
+    ingestion step. Exactly: its question whole (2 tokens) beside one
+    stream's chunk at its grant (INGEST_STEP_TOKENS, the floor: a step of
+    factor 0 has no room past it), the other stream's chunk cut; and the
+    answer equals stock vLLM's."""
+    a = await engine.create_session(_tokens(40, 11))
+    big = [await engine.create_session(_tokens(40, 12 + i)) for i in range(2)]
+    events = engine.subscribe(a.id)
+    await engine.register_flash(a.id, [41, 42], greedy(4), flash_id="f")
+    while (await asyncio.wait_for(events.get(), 60)).type != "flash":
+        pass
+    pending = [await engine.append(s.id, _tokens(LARGE, 20 + i)) for i, s in enumerate(big)]
+    start = time.monotonic()  # system-wide: comparable with the engine's clock
+    lengths = []  # of the versions evaluated while both appends were being ingested
+    for i in range(6):
+        v = await engine.append(a.id, _tokens(8, 30 + i))
+        while (event := await asyncio.wait_for(events.get(), 60)).type != "flash" or event.version < v:
+            pass
+        if any(s.ingested_version == v for s, v in zip(big, pending)):
+            break
+        lengths.append(len(a.tokens_at(v)))
+        result = a.flash_results["f"]
+        assert result.version == v
+        assert result.token_ids == await reference(stock, a.tokens_at(v) + [41, 42], 4)
+    engine.unsubscribe(a.id, events)
+    assert len(lengths) >= 2
+    with open(STEP_TRACE) as f:
+        steps = [json.loads(line) for line in f]
+    admissions = [
+        requests
+        for end, _, requests, _ in steps
+        if end >= start and any(lane == 2 and n > 1 for lane, n, _ in requests)
+    ]
+    # (lane, tokens in the step, tokens computed after it)
+    flash = [[x for x in r if x[0] == 2] for r in admissions[: len(lengths)]]
+    assert flash == [[[2, 2, n + 2]] for n in lengths]
+    for requests in admissions[: len(lengths)]:
+        assert [n for lane, n, _ in requests if lane == 1] == [INGEST_STEP_TOKENS]
+    for s, v in zip(big, pending):
+        await engine.wait_ingested(s.id, v)
+        await engine.close_session(s.id)
+    await engine.close_session(a.id)

@@ -28,6 +28,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from marketbench.servers import Server, free_port  # noqa: E402
 
+from vllm_stateful.client import connection_limits
+
 RESULTS = Path(__file__).parent / "results"
 HEADER = "E-mini S&P 500 futures trades (time price size):\n"
 QUESTION = "\nQuestion: what was the last traded price?\nAnswer:"
@@ -93,7 +95,8 @@ async def run(args, tok) -> dict:
 
     lines = tick_lines()
     out: dict = {}
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=600) as http:
+    limits = connection_limits()
+    async with httpx.AsyncClient(base_url=args.base_url, timeout=600, limits=limits) as http:
         api = Api(http)
         sid, h = await api.create(HEADER)
         await api.append(sid, h, tick_text(lines, args.context, tok), wait=True)

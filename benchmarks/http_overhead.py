@@ -148,6 +148,8 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 async def measure(args, engine, base: str, SamplingParams, httpx) -> dict:
+    from vllm_stateful.client import connection_limits
+
     tok = engine.tokenizer
     lines = tick_text(tok, args.context)
     session = await engine.create_session(HEADER)
@@ -174,7 +176,7 @@ async def measure(args, engine, base: str, SamplingParams, httpx) -> dict:
     stateless = Series("http stateless question")
     context = len(session.tokens)
 
-    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=connection_limits()) as client:
 
         async def library() -> None:
             t0 = time.perf_counter()

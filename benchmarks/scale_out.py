@@ -142,7 +142,10 @@ async def singles(bases: dict[str, str], reps: int, max_tokens: int) -> list[Sin
     time (which goes first alternates), so that other work on the machine
     weighs on both alike."""
     load_before = os.getloadavg()[0]
-    clients = {n: httpx.AsyncClient(base_url=b, timeout=300) for n, b in bases.items()}
+    clients = {
+        n: httpx.AsyncClient(base_url=b, timeout=300, limits=connection_limits())
+        for n, b in bases.items()
+    }
     try:
         opened = {n: await create(c, random.Random(0)) for n, c in clients.items()}
         times: dict[str, list[float]] = {n: [] for n in bases}

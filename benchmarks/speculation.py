@@ -52,6 +52,8 @@ from marketbench.machine import cpu_info, version_of  # noqa: E402
 from marketbench.feed import LineTokens, line_format, lines  # noqa: E402
 from marketbench.servers import Server, free_port, prometheus_counters  # noqa: E402
 
+from vllm_stateful.client import connection_limits
+
 SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
 TOKEN_HEADER = "X-Session-Token"
 SPEC_COUNTERS = (
@@ -207,7 +209,7 @@ async def spec_counters(http: httpx.AsyncClient) -> dict[str, float]:
 async def run_stateful(args, mode: str, base_url: str, plans, questions) -> tuple[list, list]:
     asks: list[Ask] = []
     phases: list[dict] = []
-    limits = httpx.Limits(max_connections=64)
+    limits = connection_limits(max_connections=64)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         handles = []
         t0 = time.monotonic()
@@ -273,7 +275,8 @@ async def run_llamacpp(args, base_url: str, plans, tok) -> list[Ask]:
     (its server keeps the last prompt's KV and computes only what is new)."""
     asks = []
     plan, text = plans[0], plans[0].prefix_text
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+    limits = connection_limits()
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         rnd = 0  # the same appends, in the same order, as the stateful runs' first level
         for kind in KINDS:
             for _ in range(args.rounds_of.get(1, 1)):

@@ -97,8 +97,8 @@ def test_async_llm_in_flight_counter():
 
 def test_scheduler_internals_the_request_classes_arrange():
     # kv/scheduler.py arranges what vLLM's schedule() sees: it reorders and
-    # filters `running` and `waiting`, and sets the step's token budget,
-    # active-request cap and prefill cap for one call. These must still be what schedule()
+    # filters `running` and `waiting`, and sets the step's token budget and
+    # active-request cap for one call. These must still be what schedule()
     # reads, at the start of each call.
     from vllm.config import SchedulerConfig
     from vllm.v1.core.sched import request_queue, scheduler
@@ -109,10 +109,6 @@ def test_scheduler_internals_the_request_classes_arrange():
     assert "if num_running >= self.max_num_active_reqs:" in src
     assert "request_queue = self.waiting" in src
     assert "self.current_step += 1" in src
-    # The cap on one prefill (Arrangement.prefill_cap), read from the config
-    # at each call and applied to running and waiting requests alike.
-    assert "self.scheduler_config.long_prefill_token_threshold" in src
-    assert src.count("if 0 < long_prefill_token_threshold < num_new_tokens:") == 2
     assert params(scheduler.Scheduler.update_from_output) == [
         "self", "scheduler_output", "model_runner_output",
     ]

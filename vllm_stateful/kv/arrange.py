@@ -19,7 +19,7 @@ requests that sit the step out, and the step's token budget.
   only useful while fresh; a waiting one is admitted at once), alone while
   ingestion keeps up (what waits is within one long step, and no data is
   older than the target lag), sharing their steps with ingestion that is
-  behind, their admission (prefill) included;
+  behind;
 * ingestion steps are capped: short while questions keep coming (the
   longest a question arriving now waits for the step in flight), growing
   once the oldest data in the engine has waited past a target lag (so a
@@ -32,7 +32,7 @@ requests that sit the step out, and the step's token budget.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,6 @@ from vllm_stateful.config import SchedulingConfig
 from vllm_stateful.kv.lanes import Lane, asks, data_since, lane_for, tag_of
 from vllm_stateful.kv.pacing import StepCostModel
 from vllm_stateful.kv.steps import StepLog
-from vllm_stateful.protocol import RequestTag
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -64,25 +63,12 @@ class Arrangement:
     budget: int  # the step's token budget
     ingest_lag_s: float  # how long the oldest data in the engine has waited
     lanes: dict[str, Lane]  # per request id, running and waiting
-    # Most tokens any one prefill may take this step (0: no cap): keeps a
-    # running chunk from taking the share of a flash evaluation admitted
-    # beside it (vLLM serves running requests before waiting ones).
-    prefill_cap: int = 0
-
-
-# What a waiting flash evaluation will compute once admitted (its prompt
-# past its session's pinned KV), or None when that is not known.
-FreshTokens = Callable[["Request", RequestTag], "int | None"]
 
 
 class Arranger:
-    def __init__(
-        self, cfg: SchedulingConfig, cost: StepCostModel, steps: StepLog,
-        fresh: FreshTokens | None = None,
-    ):
+    def __init__(self, cfg: SchedulingConfig, cost: StepCostModel, steps: StepLog):
         self.cost = cost
         self.steps = steps
-        self.fresh = fresh
         self.starve_steps = cfg.starve_steps
         self.active_window_s = cfg.active_window_s
         self._foreground_seen = float("-inf")
@@ -160,17 +146,7 @@ class Arranger:
             ingest = (r for r in running if lanes[r.request_id] is Lane.INGEST)
             behind = needs(ingest) > self.cost.idle_tokens(False) or waited > self.cost.lag_target_s
             beside = not first or behind
-            # A waiting evaluation is admitted at once: in a step of its own
-            # while ingestion keeps up, into the ingestion step while it is
-            # behind. A step of its own (~40 ms at 16 streams on a 2-core
-            # EPYC: 15% of the engine's time) costs more than its question's
-            # tokens and one read of its stream's KV add to a ~110 ms
-            # ingestion step, and the engine has no time to spare then.
-            # Only when what each will compute is known (its session's pin).
-            admit = self._fresh([r for r in waiting if lanes[r.request_id] is Lane.FLASH], tags)
-            if not behind:
-                admit = None
-            waiting_first = admit is None and any(lanes[r.request_id] is Lane.FLASH for r in waiting)
+            waiting_first = any(lanes[r.request_id] is Lane.FLASH for r in waiting)
 
         def sits_out(r: Request) -> bool:
             if rank(r)[0] < Lane.INGEST:
@@ -184,7 +160,6 @@ class Arranger:
             return not beside and not self.starved(r)
 
         out = {r.request_id for r in (*running, *waiting) if sits_out(r)}
-        cap = 0
         if waiting_first:
             budget = max_tokens
         elif foreground:
@@ -201,10 +176,9 @@ class Arranger:
                 [r for r in rs if lanes[r.request_id] is Lane.INGEST and r.request_id not in out]
                 for rs in (running, waiting)
             )
-            fresh = admit or []
-            allowance, cut, cap = self._fill(first, fresh, chunks, queued, active, waited)
+            allowance, cut = self._fill(first, chunks, queued, active, waited)
             out |= cut
-            budget = needs(first) + sum(fresh) + allowance
+            budget = needs(first) + allowance
         return Arrangement(
             running=[r for r in running if r.request_id not in out],
             waiting=[r for r in waiting if r.request_id not in out],
@@ -213,46 +187,25 @@ class Arranger:
             budget=max(1, min(budget, max_tokens)),
             ingest_lag_s=waited,
             lanes=lanes,
-            prefill_cap=cap,
         )
-
-    def _fresh(self, flash: list[Request], tags: dict) -> list[int] | None:
-        """What each waiting flash evaluation will compute when admitted;
-        None if any is unknown (or none waits)."""
-        if not flash or self.fresh is None:
-            return None
-        fresh = [self.fresh(r, tags[r.request_id]) for r in flash]
-        return None if None in fresh else fresh  # type: ignore[return-value]
 
     def _fill(
-        self, first: list[Request], admit: list[int], chunks: list[Request],
-        queued: list[Request], active: bool, waited: float,
-    ) -> tuple[int, set[str], int]:
-        """A step with no foreground work: the ingestion tokens it carries,
-        the chunks (running, then waiting) that sit it out, and the cap on
-        any one prefill. The chunks fill the step's target time after what
-        runs first (flash evaluations running, and ``admit``: the tokens of
-        each waiting one admitted), each charged its read of its stream's
-        KV: a token allowance alone let three streams' chunks share a step
-        and made it ~150-200 ms instead of ~90 (16 streams, 2-core EPYC)."""
+        self, first: list[Request], chunks: list[Request], queued: list[Request],
+        active: bool, waited: float,
+    ) -> tuple[int, set[str]]:
+        """A step with no foreground work: the ingestion tokens it carries
+        and the chunks (running, then waiting) that sit it out. The chunks
+        fill the step's target time after what runs first (flash
+        evaluations), each charged its read of its stream's KV: a token
+        allowance alone let three streams' chunks share a step and made it
+        ~150-200 ms instead of ~90 (16 streams, 2-core EPYC)."""
         target = self.cost.idle_step_s(active, waited)
-        if target is None:  # nothing fitted yet: by tokens (each chunk capped
-            tokens = self.cost.idle_tokens(active, waited)  # below: see there)
-            return tokens, set(), tokens if admit else 0
+        if target is None:  # nothing fitted yet: by tokens
+            return self.cost.idle_tokens(active, waited), set()
         prefilling = [r for r in first if r.num_computed_tokens < r.num_prompt_tokens]
-        rest = self.cost.step_s(
-            len(first) - len(prefilling), needs(prefilling) + sum(admit),
-            len(prefilling) + len(admit),
-        )
+        rest = self.cost.step_s(len(first) - len(prefilling), needs(prefilling), len(prefilling))
         # A waiting chunk's need is known once its cached prefix is matched.
-        wants = [*map(need, chunks), *[None] * len(queued)]
-        grants = self.cost.pack(target - (rest or 0.0), wants)
-        # vLLM serves running requests first, each up to the budget left: a
-        # running chunk granted less than it needs (pack cuts at most one,
-        # the last it grants) would take what the admitted evaluations were
-        # given too, unless capped at its grant.
-        cap = 0
-        if admit:
-            cap = next((g for g, w in zip(grants, wants[: len(chunks)]) if 0 < g < w), 0)
-        cut = {r.request_id for r, n in zip([*chunks, *queued], grants) if not n}
-        return sum(grants), cut, cap
+        grants = self.cost.pack(
+            target - (rest or 0.0), [*map(need, chunks), *[None] * len(queued)]
+        )
+        return sum(grants), {r.request_id for r, n in zip([*chunks, *queued], grants) if not n}

@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-    from vllm_stateful.protocol import RequestTag
-
 # Under "vllm." so vLLM's logging configuration shows it.
 logger = init_logger(f"vllm.{__name__}")
 
@@ -60,7 +58,7 @@ class StatefulScheduler(Scheduler):
             max_tokens=self.max_num_scheduled_tokens,
         )
         self.steps = StepLog()
-        self.arranger = Arranger(cfg, self.cost, self.steps, fresh=self._fresh_tokens)
+        self.arranger = Arranger(cfg, self.cost, self.steps)
         self._step: Step | None = None  # the step the model is computing
         self._trace = StepTrace.from_env()
         self._logged_at = 0.0
@@ -88,16 +86,11 @@ class StatefulScheduler(Scheduler):
         self.max_num_scheduled_tokens = plan.budget
         # Paused requests still hold a model-runner slot.
         self.max_num_active_reqs = full_active - len(plan.hidden_running)
-        config = self.scheduler_config
-        full_cap = config.long_prefill_token_threshold
-        if plan.prefill_cap:
-            config.long_prefill_token_threshold = min(full_cap or plan.prefill_cap, plan.prefill_cap)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.max_num_active_reqs = full_active
-            config.long_prefill_token_threshold = full_cap
             # Paused work goes last: the first preemption victims.
             self.running.extend(plan.hidden_running)
             for request in plan.hidden_waiting:
@@ -125,22 +118,6 @@ class StatefulScheduler(Scheduler):
                     self.cost.idle_tokens(True), self.cost.idle_tokens(False),
                 )
         return super().update_from_output(scheduler_output, model_runner_output)
-
-    def _fresh_tokens(self, request: Request, tag: RequestTag) -> int | None:
-        """What a waiting request of ``tag``'s session will compute when
-        admitted: its prompt past the KV its session's pin supplies (the
-        prefix cache's full blocks and the connector's copy of the tail);
-        None without a pin that its prompt extends or is extended by."""
-        pins = getattr(self.connector, "pins", None)
-        pin = None if pins is None else pins.pins.get(tag.session)
-        if pin is None:
-            return None
-        prompt = request.prompt_token_ids or []
-        n = min(len(pin.token_ids), len(prompt))
-        if prompt[:n] != pin.token_ids[:n]:
-            return None
-        # vLLM always computes at least one prompt token.
-        return max(len(prompt) - n, 1)
 
     # -------------------------------------------------------------- records
 

@@ -1,15 +1,15 @@
 """StatefulEngine: the public, async session API over vLLM's ``AsyncLLM``.
 
-A thin facade: admission and lifecycle live in ``registry``, ingestion in
-``ingest``, questions in ``query``, flash queries in ``flash``, and what is
-sent to vLLM in ``rpc``.
+A thin facade: admission and lifecycle live in ``registry``, opening and
+appending in ``writes``, ingestion in ``ingest``, questions in ``query``,
+flash queries in ``flash``, token ids in ``tokens``, and what is sent to vLLM
+in ``rpc``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
@@ -23,7 +23,6 @@ from vllm_stateful.config import (
     scheduler_cls,
     speculative_config,
 )
-from vllm_stateful.engine.backlog import check_backlog
 from vllm_stateful.engine import recovery
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
@@ -38,18 +37,16 @@ from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
 from vllm_stateful.engine.session import Session, SessionState, SessionStats
 from vllm_stateful.engine.slide import Slider
-from vllm_stateful.engine.window import check_max_tokens, check_policy, model_limit
+from vllm_stateful.engine.tokens import Data, Tokens
+from vllm_stateful.engine.writes import Writer
 from vllm_stateful.errors import (
     CommitConflictError,
     IngestionFailedError,
     InvalidInputError,
     SessionClosedError,
-    StoreWriteError,
 )
 from vllm_stateful.protocol import Op
 from vllm_stateful.store import SessionStore
-
-Data = str | Sequence[int]
 
 
 def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
@@ -130,6 +127,11 @@ class StatefulEngine:
         self.slider = Slider(
             self.registry, self.ingestor, self.journal, on_swapped=self.flash.scheduler.notify
         )
+        self.tokens = Tokens(self.tokenizer, self.vocab_size)
+        self.writer = Writer(
+            self.config, self.tokens, self.registry, self.residency, self.flash,
+            self.ingestor, self.slider, self.journal, self.wait_ingested,
+        )  # fmt: skip
         self.queries = Querier(
             self.registry, self.rpc, self.flash, self.encode, self.wait_ingested,
             rate_tps=lambda: self.ingestor.rate_tps, residency=self.residency,
@@ -197,52 +199,9 @@ class StatefulEngine:
         the session is rolled back (released: budget and pin given back)
         before the error propagates."""
         self.rpc.check_alive()
-        if session_id is not None and (not isinstance(session_id, str) or not session_id):
-            raise InvalidInputError("session_id must be a non-empty string")
-        session_id = session_id or uuid.uuid4().hex
-        if tenant is None:
-            tenant = "default"
-        if not isinstance(tenant, str) or not tenant:
-            raise InvalidInputError("tenant must be a non-empty string")
-        overflow = check_policy(overflow)
-        if isinstance(prefix, str):
-            tokens = self.tokenizer.encode(prefix, add_special_tokens=True)
-        else:
-            tokens = self._check_token_ids(prefix, allow_empty=True)
-        max_tokens = check_max_tokens(max_tokens, len(tokens), self.max_model_len)
-        await self.residency.admit(
-            lambda: self.registry.check_new(session_id, len(tokens), ttl_s, tenant), None, len(tokens)
+        return await self.writer.create(
+            prefix, session_id, ttl_s, flash, tenant, overflow, max_tokens
         )
-        flash_queries = [self.flash.make(**spec) for spec in flash]
-        self.flash.check_room(len(flash_queries), 0)
-        session = Session(
-            id=session_id,
-            key=uuid.uuid4().hex,
-            access_token=secrets.token_urlsafe(24),
-            tokens=tokens,
-            ttl_s=ttl_s if ttl_s is not None else self.config.default_ttl_s,
-            tenant=tenant,
-            max_event_queue=self.config.max_event_queue,
-            overflow=overflow,
-            max_tokens=max_tokens,
-            limit=max_tokens if max_tokens is not None else model_limit(self.max_model_len),
-        )
-        session.flash = {fq.id: fq for fq in flash_queries}
-        self.registry.add(session)
-        try:
-            self.ingestor.kick(session)
-            await self.wait_ingested(session_id, 0)
-            self.registry.activate(session)
-            # Durable before the caller learns of it.
-            await self.journal.created(session)
-        except BaseException as exc:
-            # Nobody holds this session's token yet: undo it.
-            gone = isinstance(exc, asyncio.CancelledError)
-            if session.release_task is None:  # not already ending (closed meanwhile)
-                metrics.CREATES_ROLLED_BACK.inc()
-            await self.registry.release(session, "cancelled" if gone else "create_failed")
-            raise
-        return session
 
     async def append(self, session_id: str, data: Data) -> int:
         """Append text or token ids; returns the new version at once.
@@ -258,42 +217,7 @@ class StatefulEngine:
         window is ingested.
         """
         self.rpc.check_alive()
-        session = self.registry.get(session_id)
-        token_ids = self.encode(data)
-        if session.overflow == "slide":
-            # Past its limit the append starts a slide (re-planned after the
-            # awaits, on the log as it is then).
-            size, keeping = self.slider.growth(session, token_ids)
-        else:
-            size, keeping = len(session.tokens) + len(token_ids), ()
-            self.registry.check_limit(session, size)
-        await self.residency.admit(
-            lambda: self.registry.check_grow(session_id, size, keeping=keeping), session, size
-        )
-        # An offload in flight finishes first; the ingestion below then loads
-        # the copy back (an offloaded session returns to the pool this way).
-        await self.residency.settle(session)
-        check_backlog(
-            self.config, session, self.registry.sessions.values(), len(token_ids),
-            self.ingestor.rate_tps,
-        )  # fmt: skip
-        if session.overflow == "slide":
-            version = self.slider.extend(session, token_ids)
-        else:
-            version = session.extend(token_ids)
-        session.touch()
-        # Queued in version order (nothing awaits in between); the engine
-        # starts ingesting while the store commits.
-        durable = self.journal.appended(session, version, token_ids)
-        self.slider.kick(session)
-        try:
-            await durable
-        except Exception as exc:
-            raise StoreWriteError(
-                f"version {version} of session '{session_id}' is in the session but the "
-                f"session store could not record it ({exc!r}): it would not survive a restart"
-            ) from exc
-        return version
+        return await self.writer.append(session_id, data)
 
     async def wait_ingested(
         self, session_id: str, version: int | None = None, timeout: float | None = None
@@ -507,20 +431,4 @@ class StatefulEngine:
         """Token ids of an append or a question: text is tokenized without
         special tokens (it continues the session's token log); token ids are
         checked against the vocabulary."""
-        if isinstance(data, str):
-            if not data:
-                raise InvalidInputError("text must not be empty")
-            return self.tokenizer.encode(data, add_special_tokens=False)
-        return self._check_token_ids(data, allow_empty=False)
-
-    def _check_token_ids(self, data: Any, allow_empty: bool) -> list[int]:
-        if not isinstance(data, (list, tuple)):
-            raise InvalidInputError("expected text (str) or a list of token ids")
-        if not data and not allow_empty:
-            raise InvalidInputError("token_ids must not be empty")
-        for t in data:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise InvalidInputError(
-                    f"invalid token id {t!r}: token ids are integers in [0, {self.vocab_size})"
-                )
-        return list(data)
+        return self.tokens.encode(data)

@@ -19,7 +19,6 @@ from vllm.inputs import TokensPrompt
 
 from tests.conftest import INGEST_CHUNK_TOKENS, INGEST_STEP_TOKENS, STEP_TRACE
 from tests.helpers import greedy, reference
-from vllm_stateful.config import SchedulingConfig
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op
 
 LARGE = 3000  # tokens: about 94 engine steps of ingestion
@@ -182,61 +181,3 @@ async def test_engine_paces_by_the_age_of_acknowledged_data(engine, stock):
     # from its arrival would be about 0 at its first step.
     start, lag = mine[-(INGEST_CHUNK_TOKENS // INGEST_STEP_TOKENS)]
     assert lag >= 0.5 * (start - acknowledged) > 0
-
-
-def _lanes_since(start: float) -> list[set[int]]:
-    with open(STEP_TRACE) as f:
-        steps = [json.loads(line) for line in f]
-    return [{lane for lane, _, _ in requests} for end, _, requests, _ in steps if end >= start]
-
-
-async def test_chunks_waiting_their_turn_do_not_join_questions(engine, stock):
-    """Questions that come and go, with steps free between them, never share
-    a step with ingestion: a chunk waiting its turn behind other streams'
-    chunks is not starved by them, however many question steps it sat out
-    in all (only ``starve_steps`` foreground steps in a row starve it)."""
-    sessions = [await engine.create_session(_tokens(40, 40 + i)) for i in range(4)]
-    pending = [await engine.append(s.id, _tokens(LARGE // 2, 50 + i)) for i, s in enumerate(sessions)]
-    start = time.monotonic()  # system-wide: comparable with the engine's clock
-    for i in range(12):
-        answer = await engine.query(sessions[i % 4].id, [60 + i, 61], greedy(4))
-        assert answer.computed_tokens == 2
-        await asyncio.sleep(0.02)  # a few steps free for ingestion
-    lanes = _lanes_since(start)
-    assert all(s.ingested_version < v for s, v in zip(sessions, pending))  # still ingesting
-    assert sum(0 in x for x in lanes) >= 12 * 4  # a prefill and 3 decode steps each
-    assert sum(x == {1} for x in lanes) >= 11  # ingestion ran between them
-    assert not [x for x in lanes if {0, 1} <= x]
-    for s, v in zip(sessions, pending):
-        await engine.wait_ingested(s.id, v)
-        await engine.close_session(s.id)
-
-
-async def test_questions_without_a_free_step_let_a_starved_chunk_in(engine, stock):
-    """Questions back to back, three at a time, leave no step without
-    foreground work: a chunk passed over ``starve_steps`` such steps in a
-    row joins the next one with the floor (INGEST_STEP_TOKENS), so ingestion
-    always progresses, and never sooner."""
-    starve_steps = SchedulingConfig.from_env().starve_steps
-    s = await engine.create_session(_tokens(40, 70))
-    v = await engine.append(s.id, _tokens(LARGE, 71))
-    start = time.monotonic()
-
-    async def asker(k: int) -> None:
-        await asyncio.sleep(0.05 * k)  # staggered: one is always running
-        for i in range(4):
-            await engine.query(s.id, [80 + k, 81 + i], greedy(32), consistency="ingested")
-
-    await asyncio.gather(*(asker(k) for k in range(3)))
-    with open(STEP_TRACE) as f:
-        steps = [json.loads(line) for line in f]
-    mine = [requests for end, _, requests, _ in steps if end >= start]
-    lanes = [{lane for lane, _, _ in requests} for requests in mine]
-    joined = [i for i, x in enumerate(lanes) if {0, 1} <= x]
-    assert joined, "no chunk joined a run of question steps"
-    for i in joined:
-        assert [n for lane, n, _ in mine[i] if lane == 1] == [INGEST_STEP_TOKENS]
-        # The steps before it: foreground work in each, no ingestion.
-        assert i >= starve_steps and all(x == {0} for x in lanes[i - starve_steps : i])
-    await engine.wait_ingested(s.id, v)
-    await engine.close_session(s.id)

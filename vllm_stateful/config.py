@@ -152,8 +152,7 @@ class SchedulingConfig:
     # (so ingestion never stops entirely). Small: on CPU one prompt token
     # costs several percent of a decode step.
     min_ingest_tokens: int = 4
-    # A request passed over this many steps in a row, each with foreground
-    # work, goes first once.
+    # A request passed over this many steps in a row goes first once.
     starve_steps: int = 8
 
     @classmethod

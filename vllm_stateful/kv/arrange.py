@@ -74,16 +74,12 @@ class Arranger:
         self._foreground_seen = float("-inf")
 
     def starved(self, request: Request) -> bool:
-        """Passed over in the last ``starve_steps`` steps, each of which
-        carried foreground work: questions that leave no step free. Steps
-        without foreground work end the count, since ingestion and flash
-        work then run by their own order: a flash evaluation run alone
-        while ingestion keeps up, or other streams' chunks taking their
-        turn, would otherwise starve a chunk that simply waits, and it
-        would join the next question's steps, a few tokens at a full read
-        of its stream's KV (+10-20 ms on a ~35 ms step; at 16 streams,
-        counted across gaps, 84 of 190 question steps in 90 s carried one).
-        """
+        """Passed over for ``starve_steps`` steps that carried foreground
+        work. Steps it sat out by choice do not count: a flash evaluation
+        run alone while ingestion keeps up would otherwise starve every
+        stream's chunk at once, and they would then join the next
+        question's steps one by one, a few tokens each at a full read of
+        their stream's KV (+10-20 ms on a ~35 ms step at 16 streams)."""
         wait = self.steps.waits.get(request.request_id)
         return wait is not None and wait.starving >= self.starve_steps
 

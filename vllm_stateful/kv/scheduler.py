@@ -160,6 +160,5 @@ class StatefulScheduler(Scheduler):
             elif req_id not in running:
                 continue
             wait.passed_over += 1
-            # Only an unbroken run of foreground steps starves (``starved``).
-            wait.starving = wait.starving + 1 if step.foreground else 0
+            wait.starving += step.foreground > 0
         self._step = step if scheduled else None

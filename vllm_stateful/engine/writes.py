@@ -63,9 +63,9 @@ class Writer:
             raise InvalidInputError("tenant must be a non-empty string")
         overflow = check_policy(overflow)
         tokens = self.tokens.prefix(prefix)
-        max_model_len = self.registry.max_model_len
-        max_tokens = check_max_tokens(max_tokens, len(tokens), max_model_len)
         size = len(tokens)
+        max_model_len = self.registry.max_model_len
+        max_tokens = check_max_tokens(max_tokens, size, max_model_len)
         await self.residency.admit(
             lambda: self.registry.check_new(session_id, size, ttl_s, tenant), None, size
         )

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import traceback
@@ -37,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from livebench import report  # noqa: E402
+from livebench import report, steps  # noqa: E402
 from livebench.plan import HEADER, LevelPlan, LineIds, plan_level, questions  # noqa: E402
 from livebench.run import LevelConfig, capacity, idle_at, idle_reference, run_level  # noqa: E402
 from livebench.targets import Clock, Notes, StatefulTarget, StockTarget  # noqa: E402
@@ -48,6 +49,7 @@ from marketbench.feed import lines as feed_lines  # noqa: E402
 from marketbench.servers import Server, ServerFailed, free_port  # noqa: E402
 from vllm_stateful.client import connection_limits  # noqa: E402
 from vllm_stateful.config import SchedulingConfig  # noqa: E402
+from vllm_stateful.kv.steps import TRACE_ENV  # noqa: E402
 
 SMOKE_TICKS = HERE / "data" / "es_ticks_sample.csv"
 ENGINE_KEYS = {"stateful": "stateful", "vllm": "vllm-pc"}  # our names -> marketbench's specs
@@ -86,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--capacity-reps", type=int, default=3, help="capacity runs (the median is used)")
     a("--capacity-tps", type=float, default=None,
       help="skip the measurement and use this capacity (tokens/s)")  # fmt: skip
+    a("--capacity-by-sessions", action="store_true",
+      help="measure the capacity with each session count's streams fed at once and set each "
+      "level's load from its own (default: one stream's capacity for every level)")  # fmt: skip
     a("--backlog-tokens", type=int, default=1024,
       help="vllm-stateful's per-session bound on un-ingested tokens (past it: 429)")  # fmt: skip
     a("--backlog-tokens-total", type=int, default=16384,
@@ -160,6 +165,11 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
         # over the server; both in tokens appended but not yet ingested).
         env = {**env, "VLLM_STATEFUL_MAX_BACKLOG_TOKENS": str(args.backlog_tokens),
                "VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL": str(args.backlog_tokens_total)}  # fmt: skip
+        # The engine's steps, to tell where a question's time under load goes.
+        trace = state["step_trace"] = args.out / "logs" / f"{args.stem}-steps.jsonl"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.unlink(missing_ok=True)
+        env[TRACE_ENV] = str(trace)
     server = Server(argv, env, port, spec.health_path,
                     args.out / "logs" / f"{args.stem}-{key}.log")  # fmt: skip
     print(f"[{spec.label}] starting: {shlex.join(argv)}", flush=True)
@@ -212,6 +222,17 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                 cap["engine"] = key
                 state["capacity"] = results["capacity"] = cap
                 print(f"[{spec.label}] ingestion capacity: {cap['tps']:.0f} tokens/s", flush=True)
+                if args.capacity_by_sessions:
+                    by = results["capacity_by_sessions"] = state["capacity_by_sessions"] = {}
+                    for n in args.session_counts:
+                        print(f"[{spec.label}] measuring ingestion capacity with {n} streams "
+                              "at once", flush=True)  # fmt: skip
+                        by[n] = cap if n == 1 else await capacity(
+                            target, src, header, state["rep_context"], args.capacity_tokens,
+                            args.capacity_reps, args.lines_per_append, args.backlog_tokens,
+                            sessions=n)  # fmt: skip
+                        print(f"[{spec.label}] ingestion capacity, {n} streams: "
+                              f"{by[n]['tps']:.0f} tokens/s", flush=True)  # fmt: skip
             flash = None
             if key == "stateful":
                 fq = next(q for q in qs if q.flash)
@@ -261,7 +282,10 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
                                               "summary": None, "asked": []})  # fmt: skip
                     continue
                 level = {**asdict(rec), "repeat": rep, "repeats": args.repeats}
-                level["summary"] = report.summarize(rec, idle, flash["id"] if flash else None)
+                if key == "stateful":
+                    level["engine_time"] = level_engine_time(state["step_trace"], rec)
+                level["summary"] = report.summarize(rec, idle, flash["id"] if flash else None,
+                                                    level.get("engine_time"))  # fmt: skip
                 results["levels"].append(level)
                 s = level["summary"]
                 print(f"[{label}] answered {s['answered']}/{s['questions']}, p50 "
@@ -275,8 +299,22 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
         server.stop()
 
 
+def level_engine_time(trace: Path, rec) -> dict:
+    """Engine time over the level's feed, and the step in flight when each
+    computed question (not a flash hit) was sent."""
+    t0, t1 = rec.t0_monotonic, rec.t0_monotonic + rec.duration_s
+    computed = [q for q in rec.asked
+                if q["error"] is None and not q.get("flash") and q["t_start"] < rec.duration_s]
+    sent = [t0 + q["t_start"] for q in computed]
+    out = steps.engine_time(steps.read(trace, t0, t1), t0, t1, sent)
+    # What is left of a question's latency without that wait: its own steps.
+    own = [q["e2e_s"] - w for q, w in zip(computed, out["in_flight_waits_s"])]
+    out["own_p50_s"] = statistics.median(own) if own else None
+    return out
+
+
 def build_plans(args, state) -> list[LevelPlan]:
-    cap = state["capacity"]["tps"]
+    by_sessions = state.get("capacity_by_sessions") or {}
     flash_id = next(q.id for q in state["questions"] if q.flash)
     plans = []
     # Repeats go round all levels in turn, so that a drift of the machine
@@ -287,7 +325,8 @@ def build_plans(args, state) -> list[LevelPlan]:
             for load in args.load_levels:
                 plan = plan_level(
                     source=state["source"], header=state["header"], sessions=n, load=load,
-                    capacity_tps=cap, duration_s=args.duration_s, start_context=args.start_context,
+                    capacity_tps=(by_sessions.get(n) or state["capacity"])["tps"],
+                    duration_s=args.duration_s, start_context=args.start_context,
                     lines_per_append=args.lines_per_append, question_rate=args.question_rate,
                     qids=[q.id for q in state["questions"]], seed=args.seed + rep,
                     rotate_at=state["rotate_at"][n],
@@ -404,7 +443,8 @@ async def main_async(args) -> int:
             "stock_ingestion": "stock vLLM has no sessions and no ingestion: appends stay on the "
                                "client, every question sends the whole context",
         },
-        "capacity": state.get("capacity"), "evaluation_ms": None, "engines": [], "idle": {},
+        "capacity": state.get("capacity"), "capacity_by_sessions": None, "evaluation_ms": None,
+        "engines": [], "idle": {},
         "idle_by_run": {},
         "levels": [], "notes": [],
     }  # fmt: skip

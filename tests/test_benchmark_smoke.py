@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,10 +69,12 @@ def test_live_stream_smoke(tmp_path: Path) -> None:
     fed ticks open loop at 50% and 200% of the measured capacity, with
     questions during the stream, on vllm-stateful and stock vLLM. The JSON
     carries every reported field, and every acknowledged append is in its
-    session (session tokens = prefix + acknowledged tokens)."""
+    session (session tokens = prefix + acknowledged tokens). With
+    ``--capacity-by-sessions`` each level's feed is its load's share of the
+    capacity measured with its own number of streams."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "live_stream.py"), "--smoke",
-         "--out", str(tmp_path)],
+         "--capacity-by-sessions", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -81,6 +85,12 @@ def test_live_stream_smoke(tmp_path: Path) -> None:
         assert meta[key], key
     assert meta["dtype"] == "float32"
     assert res["capacity"]["tps"] > 0
+    by = res["capacity_by_sessions"]
+    assert set(by) == {"1", "2"} and by["1"] == res["capacity"]
+    assert by["2"]["sessions"] == 2 and by["2"]["tps"] > 0
+    # One run (smoke), both streams fed their 256 tokens (whole lines: a few more).
+    [run2] = by["2"]["runs"]
+    assert 2 * 256 <= run2["tokens"] < 2 * (256 + 64)
     assert res["evaluation_ms"] > 0
     assert set(res["idle"]) == {"vllm-stateful", "vLLM, prefix caching on"}
 
@@ -93,6 +103,10 @@ def test_live_stream_smoke(tmp_path: Path) -> None:
         "all_appends_in_session", "tokens_acknowledged",
     )  # fmt: skip
     for (engine, n, load), lv in levels.items():
+        # The feed leaves room for a rotated stream's fresh window.
+        rotate_at, start = meta["rotate_at"][str(n)], meta["args"]["start_context"]
+        want = load * by[str(n)]["tps"] * (rotate_at - start) / rotate_at
+        assert lv["offered_tps"] == pytest.approx(want, rel=1e-9)
         s = lv["summary"]
         for f in fields:
             assert f in s, f
@@ -101,6 +115,13 @@ def test_live_stream_smoke(tmp_path: Path) -> None:
         if engine != "vllm-stateful":
             continue
         assert s["appends_acknowledged"] > 0 and s["lag_first_half_p50_s"] is not None
+        # The engine's step trace covers the level: it was busy, and every
+        # computed question sent during the feed has its in-flight wait.
+        et = lv["engine_time"]
+        assert 0 < et["busy_share"] <= 1 and et["steps"] > 0
+        sent = [q for q in lv["asked"] if not q["flash"] and q["t_start"] < lv["duration_s"]]
+        assert et["arrivals"] == len(sent) > 0
+        assert min(et["in_flight_waits_s"]) >= 0
         assert lv["backlog"], "backlog sampled over time"
         # Every acknowledged append is in its session: each session (a
         # stream rotates to a new one at its window) holds its prefix plus
@@ -255,3 +276,38 @@ def test_live_report_medians_over_runs(monkeypatch) -> None:
         "| 2nd/1st 1.50x (1000 -> 1500; 1000 -> 1000; 800 -> 1200) | 163/180 |"
     )
     assert report.medians(once) == ""
+
+
+def test_live_engine_time_from_the_step_trace(monkeypatch, tmp_path: Path) -> None:
+    """``livebench.steps``: the busy share of a level's window by kind of
+    step, and for each question sent the rest of the step then in flight
+    (0 when the engine was idle), from trace lines ``[end, duration,
+    requests, lag]``. Expected values are worked out by hand."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from livebench import steps
+
+    fg, ingest, flash = 0, 1, 2  # request classes (vllm_stateful.kv.lanes.Lane)
+    lines = [
+        [0.1, 0.1, [[ingest, 30, 2000], [flash, 1, 2100]], 0.5],  # 0.00-0.10
+        [0.14, 0.04, [[fg, 1, 900]], 0.0],  # 0.10-0.14
+        [0.3, 0.1, [[flash, 20, 2120]], 0.0],  # 0.20-0.30
+        [0.6, 0.1, [[ingest, 64, 3000]], 1.2],  # 0.50-0.60
+        [2.0, 0.1, [[ingest, 64, 3064]], 1.2],  # after the window
+    ]
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines) + '[2.1, 0.0')  # cut short
+    read = steps.read(trace, 0.05, 1.05)
+    assert [round(s.start, 6) for s in read] == [0.0, 0.1, 0.2, 0.5]
+    assert read[0].lanes == {ingest, flash}
+    et = steps.engine_time(read, 0.05, 1.05, [0.12, 0.15, 0.25, 0.9])
+    # In the window: 0.05 of the first step, then 0.04, 0.1 and 0.1.
+    assert et["busy_share"] == pytest.approx(0.29)
+    assert et["busy_share_by_kind"] == pytest.approx(
+        {"flash": 0.1, "flash + ingestion": 0.05, "ingestion": 0.1, "questions": 0.04})
+    assert et["steps"] == 4 and et["arrivals"] == 4
+    # Sent at 0.12 (0.02 of the question step left), 0.15 (idle), 0.25
+    # (0.05 of a flash step left), 0.9 (idle).
+    assert et["in_flight_waits_s"] == pytest.approx([0.02, 0.0, 0.05, 0.0])
+    assert et["in_flight_wait_p50_s"] == pytest.approx(0.01)
+    assert et["in_flight_wait_mean_s"] == pytest.approx(0.0175)
+    assert et["arrived_busy_share"] == 0.5

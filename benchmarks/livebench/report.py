@@ -29,8 +29,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | None) -> dict[str, Any]:
-    """The numbers of one level (one row of the table)."""
+def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | None,
+              engine: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The numbers of one level (one row of the table); ``engine``: its
+    engine time from the step trace (``steps.engine_time``), if traced."""
     ok = [q for q in rec.asked if q["error"] is None]
     # Flash asks that hit are cache reads: reported on their own, so that
     # "question latency" is the latency of answers the engine computed.
@@ -100,6 +102,11 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
         "rotations": rec.rotations,
         "sessions_verified": len(verified),
         "all_appends_in_session": (all(v["ok"] for v in verified) if verified else None),
+        "engine_busy_share": (engine or {}).get("busy_share"),
+        "in_flight_wait_p50_s": (engine or {}).get("in_flight_wait_p50_s"),
+        "in_flight_wait_mean_s": (engine or {}).get("in_flight_wait_mean_s"),
+        "own_p50_s": (engine or {}).get("own_p50_s"),
+        "own_p50_vs_idle": ratio((engine or {}).get("own_p50_s"), i50),
     }
 
 
@@ -192,6 +199,27 @@ def medians(levels: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def engine_table(levels: list[dict[str, Any]]) -> str:
+    rows = [lv for lv in levels if lv.get("engine_time") and lv.get("summary")]
+    if not rows:
+        return ""
+    out = [
+        "| sessions | load | run | busy | busy by kind of step | in-flight wait p50 / mean ms "
+        "| p50 / idle | own steps p50 / idle |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in rows:
+        et, s = lv["engine_time"], lv["summary"]
+        kinds = ", ".join(f"{k} {v:.0%}" for k, v in et["busy_share_by_kind"].items())
+        out.append(
+            f"| {lv['sessions']} | {lv['load']:.0%} | {lv.get('repeat', 0) + 1} "
+            f"| {_num(et['busy_share'], '{:.0%}')} | {kinds or '-'} "
+            f"| {ms(et['in_flight_wait_p50_s'])} / {ms(et['in_flight_wait_mean_s'])} "
+            f"| {_num(s['p50_vs_idle'], '{:.2f}x')} | {_num(s['own_p50_vs_idle'], '{:.2f}x')} |"
+        )
+    return "\n".join(out)
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     cap = res.get("capacity") or {}
@@ -210,6 +238,14 @@ def markdown(res: dict[str, Any]) -> str:
         f"Flash evaluation time (idle, same question): {_num(res.get('evaluation_ms'), '{:.0f}')} ms, "
         "used as `max_staleness_ms`.",
         "",
+    ]
+    by = res.get("capacity_by_sessions") or {}
+    if by:
+        lines += ["Each level's load is a share of the capacity measured with its own number "
+                  "of streams fed at once: " + ", ".join(
+                      f"{n} stream(s) {_num(c.get('tps'), '{:.0f}')} tokens/s"
+                      for n, c in by.items()) + ".", ""]  # fmt: skip
+    lines += [
         "Latencies are end to end on the client, waiting included. \"p50/p99\" cover answers "
         "the engine computed (flash hits are counted under \"flash hits\"); \"idle\" is the same "
         "question at the same context on an idle engine (feed paused, data ingested; stock vLLM: "
@@ -225,6 +261,13 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         table(res["levels"]),
     ]
+    engine = engine_table(res["levels"])
+    if engine:
+        lines += ["", "Where a question's time goes (vllm-stateful's step trace, over each "
+                  "level's feed): the engine's busy share, by kind of step; the step in flight "
+                  "when a computed question was sent, which it waits for (p50 and mean, 0 when "
+                  "the engine was idle); and what is left, its own steps, against idle.", "",
+                  engine]  # fmt: skip
     summary = medians(res["levels"])
     if summary:
         lines += ["", "Medians over the runs of each level:", "", summary]

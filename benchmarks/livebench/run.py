@@ -44,45 +44,28 @@ def flat(lines: Sequence[tuple[int, ...]]) -> list[int]:
 
 async def capacity(target: Target, source: LineIds, header: list[int], context: int,
                    tokens: int, reps: int, lines_per_append: int,
-                   max_backlog: int) -> dict[str, Any]:  # fmt: skip
-    """Ingestion throughput (tokens/s) with no questions, from ``context -
-    tokens/2`` to ``context + tokens/2``: appends sent back to back (they are
-    coalesced while one is being ingested), keeping the un-ingested tokens
-    under half the server's backlog bound so that no append is refused,
-    timed to the ``ingested`` event of the last. Stock vLLM (no sessions):
+                   max_backlog: int, sessions: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Ingestion throughput (tokens/s) with no questions, each stream from
+    ``context - tokens/2`` to ``context + tokens/2``: ``sessions`` streams
+    fed at once, appends sent back to back (they are coalesced while one is
+    being ingested), keeping each session's un-ingested tokens under half
+    the server's backlog bound so that no append is refused, timed to the
+    last ``ingested`` event. Many streams cost more per token than one (each
+    stream's chunk in a step reads its own KV), so a level's load is a share
+    of what its own number of streams can ingest. Stock vLLM (no sessions):
     the prefill of ``tokens`` new tokens after a cached prefix (a 1-token
     completion)."""
     runs = []
     for rep in range(reps):
         first = 7919 * (rep + 1)
-        pre = prefix_lines(source, header, context - tokens // 2, first)
-        more = prefix_lines(source, [], tokens, first + len(pre))
         if isinstance(target, StatefulTarget):
-            h = await target.open(-1, rep, header + flat(pre), pre, None)
-            await asyncio.sleep(0.5)
-            t0 = time.monotonic()
-            sent = 0
-            for i in range(0, len(more), lines_per_append):
-                chunk = more[i : i + lines_per_append]
-                # The engine stays busy: the next append is sent as soon as
-                # the backlog has room for it.
-                while len(h.context) - h.tokens_at.get(h.ingested_version(), 0) + len(
-                        flat(chunk)) > max_backlog // 2:  # fmt: skip
-                    await asyncio.sleep(0.002)
-                await target.append(h, flat(chunk), chunk, target.clock(), None)
-                sent += len(flat(chunk))
-            while h.ingested_version() < h.version:
-                if time.monotonic() - t0 > 600:
-                    raise RuntimeError("capacity: the last append was not ingested in 600 s")
-                await asyncio.sleep(0.005)
-            # The event's own time (client clock) is when it was seen.
-            t1 = target.clock.t0 + h.ingested[-1][1]
-            st = await target.stats(h) or {}
-            await target.close(h)
-            runs.append({"tokens": sent, "seconds": t1 - t0, "tps": sent / (t1 - t0),
-                         "server_rate_tps": st.get("ingest_rate_tps")})  # fmt: skip
+            runs.append(await _stateful_capacity(target, source, header, context, tokens,
+                                                 lines_per_append, max_backlog, sessions,
+                                                 first, rep))  # fmt: skip
         else:
             assert isinstance(target, StockTarget)
+            pre = prefix_lines(source, header, context - tokens // 2, first)
+            more = prefix_lines(source, [], tokens, first + len(pre))
             base = header + flat(pre)
             await target.warm_up(base)
             t0 = time.monotonic()
@@ -90,16 +73,63 @@ async def capacity(target: Target, source: LineIds, header: list[int], context: 
             dt_s = time.monotonic() - t0
             n = len(flat(more))
             runs.append({"tokens": n, "seconds": dt_s, "tps": n / dt_s, "server_rate_tps": None})
-        print(f"  capacity run {rep + 1}/{reps}: {runs[-1]['tokens']} tokens in "
-              f"{runs[-1]['seconds']:.2f} s = {runs[-1]['tps']:.0f} tokens/s", flush=True)  # fmt: skip
+        print(f"  capacity run {rep + 1}/{reps} ({sessions} session(s)): {runs[-1]['tokens']} "
+              f"tokens in {runs[-1]['seconds']:.2f} s = {runs[-1]['tps']:.0f} tokens/s",
+              flush=True)  # fmt: skip
     return {
         "tps": statistics.median(r["tps"] for r in runs),
         "context": context,
+        "sessions": sessions,
         "runs": runs,
-        "method": "stateful appends back to back, to the last `ingested` event"
+        "method": f"stateful appends back to back into {sessions} session(s) at once, to the "
+        "last `ingested` event"
         if isinstance(target, StatefulTarget)
         else "stock vLLM: prefill of new tokens after a cached prefix (1-token completion)",
     }
+
+
+async def _stateful_capacity(target: StatefulTarget, source: LineIds, header: list[int],
+                             context: int, tokens: int, lines_per_append: int,
+                             max_backlog: int, sessions: int, first: int,
+                             rep: int) -> dict[str, Any]:  # fmt: skip
+    feeds = []
+    for s in range(sessions):
+        start = first + s * 100_003
+        pre = prefix_lines(source, header, context - tokens // 2, start)
+        more = prefix_lines(source, [], tokens, start + len(pre))
+        h = await target.open(-1 - s, rep, header + flat(pre), pre, None)
+        feeds.append((h, more))
+    for h, _ in feeds:
+        if not await target.wait_ingested(h, 600):
+            raise RuntimeError("capacity: a session's prefix was not ingested in 600 s")
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+
+    async def feed(h: Handle, more: list[tuple[int, ...]]) -> int:
+        sent = 0
+        for i in range(0, len(more), lines_per_append):
+            chunk = more[i : i + lines_per_append]
+            # The engine stays busy: the next append is sent as soon as the
+            # backlog has room for it.
+            while len(h.context) - h.tokens_at.get(h.ingested_version(), 0) + len(
+                    flat(chunk)) > max_backlog // 2:  # fmt: skip
+                await asyncio.sleep(0.002)
+            await target.append(h, flat(chunk), chunk, target.clock(), None)
+            sent += len(flat(chunk))
+        while h.ingested_version() < h.version:
+            if time.monotonic() - t0 > 600:
+                raise RuntimeError("capacity: the last append was not ingested in 600 s")
+            await asyncio.sleep(0.005)
+        return sent
+
+    sent = sum(await asyncio.gather(*(feed(h, more) for h, more in feeds)))
+    # The events' own times (client clock) are when they were seen.
+    t1 = max(target.clock.t0 + h.ingested[-1][1] for h, _ in feeds)
+    rates = [(await target.stats(h) or {}).get("ingest_rate_tps") for h, _ in feeds]
+    for h, _ in feeds:
+        await target.close(h)
+    return {"tokens": sent, "seconds": t1 - t0, "tps": sent / (t1 - t0),
+            "server_rate_tps": rates[0] if sessions == 1 else rates}  # fmt: skip
 
 
 # -------------------------------------------------------------- idle reference
@@ -198,6 +228,8 @@ class LevelRecord:
     wall_s: float = 0.0
     setup_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # time.monotonic() at the level's start: record times are from here.
+    t0_monotonic: float = 0.0
 
 
 async def run_level(target: Target, plan: LevelPlan, cfg: LevelConfig,
@@ -220,6 +252,7 @@ async def run_level(target: Target, plan: LevelPlan, cfg: LevelConfig,
     done_questions: list[Asked] = []
     n_429 = [0]
     clock.reset()  # the level starts now: every schedule time is from here
+    rec.t0_monotonic = clock.t0
 
     async def verify(h: Handle) -> None:
         st = await target.stats(h)

@@ -33,6 +33,7 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
               engine: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The numbers of one level (one row of the table); ``engine``: its
     engine time from the step trace (``steps.engine_time``), if traced."""
+    et = engine or {}
     ok = [q for q in rec.asked if q["error"] is None]
     # Flash asks that hit are cache reads: reported on their own, so that
     # "question latency" is the latency of answers the engine computed.
@@ -102,11 +103,11 @@ def summarize(rec: LevelRecord, idle: list[dict[str, Any]], flash_qid: str | Non
         "rotations": rec.rotations,
         "sessions_verified": len(verified),
         "all_appends_in_session": (all(v["ok"] for v in verified) if verified else None),
-        "engine_busy_share": (engine or {}).get("busy_share"),
-        "in_flight_wait_p50_s": (engine or {}).get("in_flight_wait_p50_s"),
-        "in_flight_wait_mean_s": (engine or {}).get("in_flight_wait_mean_s"),
-        "own_p50_s": (engine or {}).get("own_p50_s"),
-        "own_p50_vs_idle": ratio((engine or {}).get("own_p50_s"), i50),
+        "engine_busy_share": et.get("busy_share"),
+        "in_flight_wait_p50_s": et.get("in_flight_wait_p50_s"),
+        "in_flight_wait_mean_s": et.get("in_flight_wait_mean_s"),
+        "own_p50_s": et.get("own_p50_s"),
+        "own_p50_vs_idle": ratio(et.get("own_p50_s"), i50),
     }
 
 

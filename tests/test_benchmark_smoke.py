@@ -311,3 +311,7 @@ def test_live_engine_time_from_the_step_trace(monkeypatch, tmp_path: Path) -> No
     assert et["in_flight_wait_p50_s"] == pytest.approx(0.01)
     assert et["in_flight_wait_mean_s"] == pytest.approx(0.0175)
     assert et["arrived_busy_share"] == 0.5
+    assert et["step_p50_s_by_kind"] == pytest.approx(
+        {"flash": 0.1, "flash + ingestion": 0.1, "ingestion": 0.1, "questions": 0.04})
+    assert et["waited_behind"] == {"flash": (1, pytest.approx(0.05)),
+                                   "questions": (1, pytest.approx(0.02))}

@@ -206,16 +206,21 @@ def engine_table(levels: list[dict[str, Any]]) -> str:
         return ""
     out = [
         "| sessions | load | run | busy | busy by kind of step | in-flight wait p50 / mean ms "
-        "| p50 / idle | own steps p50 / idle |",
-        "|---|---|---|---|---|---|---|---|",
+        "| waited behind: questions x mean wait ms (step p50 ms) | p50 / idle "
+        "| own steps p50 / idle |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in rows:
         et, s = lv["engine_time"], lv["summary"]
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in et["busy_share_by_kind"].items())
+        behind = ", ".join(
+            f"{k} {n} x {ms(w)} ({ms(et['step_p50_s_by_kind'].get(k))})"
+            for k, (n, w) in et["waited_behind"].items())  # fmt: skip
         out.append(
             f"| {lv['sessions']} | {lv['load']:.0%} | {lv.get('repeat', 0) + 1} "
             f"| {_num(et['busy_share'], '{:.0%}')} | {kinds or '-'} "
             f"| {ms(et['in_flight_wait_p50_s'])} / {ms(et['in_flight_wait_mean_s'])} "
+            f"| {behind or '-'} "
             f"| {_num(s['p50_vs_idle'], '{:.2f}x')} | {_num(s['own_p50_vs_idle'], '{:.2f}x')} |"
         )
     return "\n".join(out)

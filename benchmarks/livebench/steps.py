@@ -60,19 +60,29 @@ def engine_time(steps: list[TraceStep], t0: float, t1: float,
     flight still ran (0 when the engine was idle)."""
     span = t1 - t0
     by_kind: dict[str, float] = {}
+    durations: dict[str, list[float]] = {}
     for s in steps:
         overlap = min(s.end, t1) - max(s.start, t0)
         if overlap > 0:
             by_kind[kind(s.lanes)] = by_kind.get(kind(s.lanes), 0.0) + overlap
+            durations.setdefault(kind(s.lanes), []).append(s.end - s.start)
     ends = [s.end for s in steps]
     waits = []
+    behind: dict[str, list[float]] = {}  # waits by the kind of step waited for
     for t in arrivals:
         i = bisect.bisect_right(ends, t)  # the first step ending after t
-        waits.append(steps[i].end - t if i < len(steps) and steps[i].start <= t else 0.0)
+        if i < len(steps) and steps[i].start <= t:
+            waits.append(steps[i].end - t)
+            behind.setdefault(kind(steps[i].lanes), []).append(waits[-1])
+        else:
+            waits.append(0.0)
     return {
         "busy_share": sum(by_kind.values()) / span if span > 0 else None,
         "busy_share_by_kind": {k: v / span for k, v in sorted(by_kind.items())} if span > 0 else {},
-        "steps": sum(1 for s in steps if s.end > t0 and s.start < t1),
+        "steps": sum(len(d) for d in durations.values()),
+        "step_p50_s_by_kind": {k: statistics.median(d) for k, d in sorted(durations.items())},
+        # Per kind of step in flight: (questions that waited for one, mean wait).
+        "waited_behind": {k: (len(w), statistics.fmean(w)) for k, w in sorted(behind.items())},
         "arrivals": len(waits),
         "arrived_busy_share": sum(w > 0 for w in waits) / len(waits) if waits else None,
         "in_flight_wait_p50_s": statistics.median(waits) if waits else None,

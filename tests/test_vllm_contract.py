@@ -33,6 +33,24 @@ def test_connector_hooks():
     assert "bind_gpu_block_pool" in vars(B) and "bind_kv_cache_manager" in vars(B)
 
 
+def test_connector_stats_path_for_engine_time():
+    """kv/engine_time.py: the scheduler asks its connector for stats every
+    step and vLLM rebuilds and records them in the API server."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1 as B
+    from vllm.distributed.kv_transfer.kv_connector.v1 import metrics
+    from vllm.v1.core.sched import scheduler
+
+    assert params(B.get_kv_connector_stats) == ["self"]
+    assert params(B.build_kv_connector_stats) == ["data"]  # a classmethod
+    assert params(B.build_prom_metrics) == [
+        "vllm_config", "metric_types", "labelnames", "per_engine_labelvalues"]  # fmt: skip
+    assert params(metrics.KVConnectorPromMetrics.observe) == [
+        "self", "transfer_stats_data", "engine_idx"]  # fmt: skip
+    src = inspect.getsource(scheduler.Scheduler.update_from_output)
+    assert "self.connector.get_kv_connector_stats()" in src
+    assert "kv_connector_stats.to_dict()" in inspect.getsource(scheduler.Scheduler.make_stats)
+
+
 def test_on_new_request_hook():
     # The connector records each session's in-flight appends in
     # on_new_request (a CLOSE racing one then keeps the key refused). The hook

@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from vllm_stateful.kv.engine_time import ReportsEngineTime
 from vllm_stateful.kv.offload import OffloadStore, stored_tokens
 from vllm_stateful.kv.pins import PinTable
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op, RequestTag
@@ -78,7 +79,7 @@ def _tag(request: Request) -> RequestTag | None:
     return None if params is None else RequestTag.from_extra_args(params.extra_args)
 
 
-class StatefulConnector(KVConnectorBase_V1):
+class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
     def __init__(
         self,
         vllm_config: VllmConfig,

@@ -65,6 +65,8 @@ class StatefulScheduler(Scheduler):
         attach = getattr(self.connector, "attach_step_log", None)
         if attach is not None:
             attach(self.steps)
+        # Each step's time, for the engine's busy share on /metrics.
+        self._record_step = getattr(self.connector, "record_step", None)
         logger.info("vllm-stateful: request classes on (foreground > ingestion > flash)")
 
     # ---------------------------------------------------------------- hooks
@@ -103,6 +105,8 @@ class StatefulScheduler(Scheduler):
         step, self._step = self._step, None
         if step is not None and scheduler_output.total_num_scheduled_tokens:
             self.cost.observe(now - step.started, step.prompt_tokens, step.decoding, step.prefilling)
+            if self._record_step is not None:
+                self._record_step(now - step.started)
             if self._trace is not None:
                 self._trace.write(step, now)
             if now - self._logged_at > LOG_EVERY_S and self.cost.fitted:

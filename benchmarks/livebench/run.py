@@ -50,9 +50,10 @@ async def capacity(target: Target, source: LineIds, header: list[int], context: 
     fed at once, appends sent back to back (they are coalesced while one is
     being ingested), keeping each session's un-ingested tokens under half
     the server's backlog bound so that no append is refused, timed to the
-    last ``ingested`` event. Many streams cost more per token than one (each
-    stream's chunk in a step reads its own KV), so a level's load is a share
-    of what its own number of streams can ingest. Stock vLLM (no sessions):
+    last ``ingested`` event. Several streams may ingest less than one (each
+    stream's chunk in a step reads its own KV; measured on 2 cores: about
+    the same at 16), which ``--capacity-by-sessions`` lets each level's load
+    follow. Stock vLLM (no sessions):
     the prefill of ``tokens`` new tokens after a cached prefix (a 1-token
     completion)."""
     runs = []

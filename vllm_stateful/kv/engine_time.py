@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import REGISTRY
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -55,16 +56,29 @@ class EngineTimeStats(KVConnectorStats):
         return self.data["steps"] == 0
 
 
+STEP_SECONDS, STEPS = "vllm_stateful_engine_step_seconds", "vllm_stateful_engine_steps"
+
+
+def _unregister(names: set[str]) -> None:
+    """Drop our collectors from an earlier engine in this process (tests,
+    a restarted engine), as vLLM does for its own ``vllm:`` metrics
+    (``unregister_vllm_metrics``): registering a name twice raises."""
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", None) in names:
+            REGISTRY.unregister(collector)
+
+
 class EngineTimeMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        _unregister({STEP_SECONDS, STEPS})
         seconds = self._counter_cls(
-            name="vllm_stateful_engine_step_seconds",
+            name=STEP_SECONDS,
             documentation="Seconds the engine spent in model steps (its rate: the busy share)",
             labelnames=labelnames,
         )
         steps = self._counter_cls(
-            name="vllm_stateful_engine_steps",
+            name=STEPS,
             documentation="Model steps the engine ran",
             labelnames=labelnames,
         )

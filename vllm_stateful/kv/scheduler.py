@@ -104,9 +104,10 @@ class StatefulScheduler(Scheduler):
         now = time.monotonic()
         step, self._step = self._step, None
         if step is not None and scheduler_output.total_num_scheduled_tokens:
-            self.cost.observe(now - step.started, step.prompt_tokens, step.decoding, step.prefilling)
+            took = now - step.started
+            self.cost.observe(took, step.prompt_tokens, step.decoding, step.prefilling)
             if self._record_step is not None:
-                self._record_step(now - step.started)
+                self._record_step(took)
             if self._trace is not None:
                 self._trace.write(step, now)
             if now - self._logged_at > LOG_EVERY_S and self.cost.fitted:

@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--question-rate", type=float, default=0.5, help="questions per second over all sessions")
     a("--flash-rate", type=float, default=0.5,
       help="reads of the flash question per second over all sessions, on top of the questions")  # fmt: skip
+    a("--flash-alone", action="store_true", help="vllm-stateful evaluates every flash query "
+      "with a request of its own (VLLM_STATEFUL_FLASH_WITH_INGEST=off), to compare")  # fmt: skip
     a("--max-tokens", type=int, default=8, help="answer length (fixed: ignore_eos)")
     a("--idle-points", type=int, default=5, help="contexts of the idle reference")
     a("--idle-reps", type=int, default=4, help="asks of each question per idle context")
@@ -164,7 +166,8 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
         # The backlog bounds, so that overload shows as 429s (per session and
         # over the server; both in tokens appended but not yet ingested).
         env = {**env, "VLLM_STATEFUL_MAX_BACKLOG_TOKENS": str(args.backlog_tokens),
-               "VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL": str(args.backlog_tokens_total)}  # fmt: skip
+               "VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL": str(args.backlog_tokens_total),
+               "VLLM_STATEFUL_FLASH_WITH_INGEST": "off" if args.flash_alone else "on"}  # fmt: skip
         # The engine's steps, to tell where a question's time under load goes.
         trace = state["step_trace"] = args.out / "logs" / f"{args.stem}-steps.jsonl"
         trace.parent.mkdir(parents=True, exist_ok=True)

@@ -57,18 +57,22 @@ class RpcFaults:
         self.arrived = asyncio.Event()
         self.gate = asyncio.Event()
         self.calls: list[tuple[str, object]] = []  # (session key, op) per request
+        # Per request: the session tokens of an append a flash question rides.
+        self.data_tokens: list[int | None] = []
 
-    def generate(self, key, prompt_ids, params, op, since=None):
+    def generate(self, key, prompt_ids, params, op, since=None, data_tokens=None):
         self.calls.append((key, op))
-        return self._generate(key, prompt_ids, params, op, since)
+        self.data_tokens.append(data_tokens)
+        return self._generate(key, prompt_ids, params, op, since, data_tokens)
 
-    async def _generate(self, key, prompt_ids, params, op, since):
+    async def _generate(self, key, prompt_ids, params, op, since, data_tokens):
         if self.fail(key, prompt_ids, op):
             raise RuntimeError(f"injected failure of {op.value}")
         if op is self.hold_op:
             self.arrived.set()
             await self.gate.wait()
-        async with contextlib.aclosing(self.original(key, prompt_ids, params, op, since)) as outs:
+        original = self.original(key, prompt_ids, params, op, since, data_tokens)
+        async with contextlib.aclosing(original) as outs:
             async for out in outs:
                 yield out
 

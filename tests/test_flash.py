@@ -8,8 +8,11 @@ import asyncio
 import pytest
 from vllm import SamplingParams
 
-from helpers import greedy, reference, until
+from prometheus_client import REGISTRY
+
+from helpers import RpcFaults, greedy, reference, session_api, until
 from vllm_stateful import BudgetExceededError, InvalidInputError
+from vllm_stateful.protocol import Op
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -122,3 +125,69 @@ async def test_flash_registration_errors_and_drop(engine):
     assert session.flash == {} and not session.flash_dirty
     while not events.empty():
         assert events.get_nowait().type != "flash"
+
+
+def _with_ingest() -> float:
+    return REGISTRY.get_sample_value("vllm_stateful_flash_evaluations_with_ingest_total") or 0.0
+
+
+async def test_flash_rides_the_ingestion_of_each_version(engine, stock, monkeypatch):
+    """A session's flash query rides each version's ingestion request: no
+    evaluation request of its own. The engine pins the data as soon as the
+    prompt is computed, before the answer is decoded: the ``ingested``
+    event comes before the answer's, a question asked then computes only
+    its own tokens, and the engine pins exactly the version's tokens.
+    Answers are token-for-token stock vLLM's."""
+    faults = RpcFaults(engine)
+    monkeypatch.setattr(engine.rpc, "generate", faults.generate)
+    q, n = [61, 62, 63], 24
+    before = _with_ingest()
+    # No version ends on a block boundary (32): a missing pin of the
+    # partial tail block would show as computed tokens.
+    session = await engine.create_session(
+        [5] * 41, flash=[{"prompt": q, "sampling_params": greedy(n), "flash_id": "f"}]
+    )
+    events = engine.subscribe(session.id)
+    for i in range(3):
+        v = await engine.append(session.id, [40 + i] * (17 + i))
+        await engine.wait_ingested(session.id, v)
+        answer = await engine.query(session.id, [7, 8], greedy(4))
+        assert answer.version == v and answer.computed_tokens == 2
+        assert answer.token_ids == await reference(stock, session.tokens_at(v) + [7, 8], 4)
+    await until(lambda: session.flash_results.get("f") and session.flash_results["f"].version == 3)
+    seen = []
+    while not events.empty():
+        event = events.get_nowait()
+        if event.type in ("ingested", "flash"):
+            seen.append((event.type, event.version))
+            if event.type == "flash":
+                expected = await reference(stock, session.tokens_at(event.version) + q, n)
+                assert event.data["token_ids"] == expected
+    for v in (1, 2, 3):
+        assert seen.index(("ingested", v)) < seen.index(("flash", v)), seen
+    assert _with_ingest() - before == 4  # versions 0 to 3
+    mine = [(op, d) for (key, op), d in zip(faults.calls, faults.data_tokens) if key == session.key]
+    # Creation and three appends, each one ingestion request carrying the
+    # question; the questions asked; no flash request.
+    appends = [(Op.APPEND, session.length_at(v)) for v in range(4)]
+    assert [c for c in mine if c[0] is not Op.QUERY] == appends
+    check = await engine.reconcile()
+    assert check.mismatches == [] and check.skipped == 0
+    # The data's blocks only: 95 tokens in 3 blocks (with the question, 4).
+    assert (await engine.kv_stats()).pinned_blocks == -(-session.length_at(3) // 32) == 3
+
+
+async def test_flash_evaluated_on_its_own_when_riding_is_off(engine, stock):
+    """``flash_with_ingest=False``: ingestion requests carry no question
+    and each version's answer is an evaluation request of its own."""
+    before = _with_ingest()
+    async with session_api(engine, offload=False, flash_with_ingest=False) as api:
+        q = [71, 72]
+        session = await api.create_session(
+            [6] * 30, flash=[{"prompt": q, "sampling_params": greedy(4), "flash_id": "f"}]
+        )
+        v = await api.append(session.id, [8] * 9)
+        await until(lambda: session.flash_results.get("f") and session.flash_results["f"].version == v)
+        assert session.flash_results["f"].token_ids == await reference(stock, session.tokens_at(v) + q, 4)
+        await api.close_session(session.id)
+    assert _with_ingest() == before

@@ -92,6 +92,15 @@ def test_only_questions_make_ingestion_steps_short():
         Op.APPEND: Lane.INGEST, Op.QUERY: Lane.FOREGROUND, Op.FLASH: Lane.FLASH,
         Op.CLOSE: Lane.FOREGROUND, Op.PROBE: Lane.FOREGROUND, Op.OFFLOAD: Lane.FOREGROUND,
     }  # fmt: skip
+    # An append a flash question rides is ingestion until its prompt is
+    # computed, then flash work (the answer's decode).
+    extra = RequestTag("s", Op.APPEND, data_tokens=2).to_extra_args()
+    ride = Request("r", [1, 2, 3], SamplingParams(max_tokens=4, extra_args=extra), None)
+    assert lane_of(ride) is Lane.INGEST and not is_question(ride)
+    ride.num_computed_tokens = 2
+    assert lane_of(ride) is Lane.INGEST
+    ride.num_computed_tokens = 3
+    assert lane_of(ride) is Lane.FLASH
 
 
 def test_per_prefill_cost_keeps_ingestion_out_beside_questions():

@@ -188,9 +188,9 @@ class HoldLongAppends(RpcFaults):
         super().__init__(engine)
         self.tokens = tokens
 
-    def generate(self, key, prompt_ids, params, op, since=None):
+    def generate(self, key, prompt_ids, params, op, since=None, data_tokens=None):
         self.hold_op = Op.APPEND if op is Op.APPEND and len(prompt_ids) > self.tokens else None
-        return super().generate(key, prompt_ids, params, op, since)
+        return super().generate(key, prompt_ids, params, op, since, data_tokens)
 
 
 async def test_close_during_the_rebuild_releases_both_pins(engine, monkeypatch):

@@ -144,6 +144,22 @@ def test_scheduler_internals_the_request_classes_arrange():
         assert name in request_src, name
 
 
+def test_prompt_computed_hook_runs_before_outputs_free_requests():
+    # kv/scheduler.py pins the data of an append a flash question rides at
+    # the start of update_from_output (connector.prompt_computed): by then
+    # schedule() has counted the step's tokens as computed, and a request
+    # that finishes in the step is freed later, inside update_from_output.
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched import scheduler
+
+    after = inspect.getsource(scheduler.Scheduler._update_after_schedule)
+    assert "request.num_computed_tokens += num_scheduled_token" in after
+    assert "self._free_request(request)" in inspect.getsource(
+        scheduler.Scheduler.update_from_output
+    )
+    assert params(KVCacheManager.get_block_ids) == ["self", "request_id"]
+
+
 # ---------------------------------------------- `vllm serve --plugin stateful`
 
 

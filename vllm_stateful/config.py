@@ -30,6 +30,10 @@ class StatefulConfig:
     max_flash_per_session: int = 16
     max_flash_total: int = 256
     flash_concurrency: int = 4
+    # With the engine-side scheduler, one flash query per session rides the
+    # ingestion request of each version instead of an evaluation request of
+    # its own (engine/flash.py ``FlashBook.ride``).
+    flash_with_ingest: bool = True
     # Ingestion sends at most this many new tokens per engine request; each
     # finished chunk is pinned (progress survives a later failure). How long
     # a question waits is bounded per step by the engine-side scheduler, not
@@ -93,12 +97,14 @@ class StatefulConfig:
         ``VLLM_STATEFUL_MAX_BACKLOG_TOKENS_TOTAL``, ``VLLM_STATEFUL_TENANT_HEADER``,
         ``VLLM_STATEFUL_TENANT_MAX_SESSIONS``, ``VLLM_STATEFUL_TENANT_MAX_TOKENS``,
         ``VLLM_STATEFUL_STORE``, ``VLLM_STATEFUL_STORE_SYNC``, ``VLLM_STATEFUL_OFFLOAD``,
-        ``VLLM_STATEFUL_OFFLOAD_IDLE_S``."""
+        ``VLLM_STATEFUL_OFFLOAD_IDLE_S``, ``VLLM_STATEFUL_FLASH_WITH_INGEST``."""
         cfg = cls()
         if store := os.environ.get("VLLM_STATEFUL_STORE", "").strip():
             cfg.store = store
         if sync := os.environ.get("VLLM_STATEFUL_STORE_SYNC", "").strip().lower():
             cfg.store_sync = sync
+        if os.environ.get("VLLM_STATEFUL_FLASH_WITH_INGEST", "").strip().lower() in ("0", "off", "false"):
+            cfg.flash_with_ingest = False
         if (raw := os.environ.get("VLLM_STATEFUL_OFFLOAD", "").strip().lower()) in ("0", "off", "false"):
             cfg.offload = False
         if (raw := os.environ.get("VLLM_STATEFUL_OFFLOAD_IDLE_S", "").strip().lower()):

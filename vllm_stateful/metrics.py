@@ -21,6 +21,10 @@ INGEST_COMPUTED_TOKENS = Counter(
     "vllm_stateful_ingest_computed_tokens", "Prompt tokens computed to ingest appends"
 )
 FLASH_EVALUATIONS = Counter("vllm_stateful_flash_evaluations", "Flash query evaluations run")
+FLASH_WITH_INGEST = Counter(
+    "vllm_stateful_flash_evaluations_with_ingest",
+    "Flash query evaluations that rode their session's ingestion request (no request of their own)",
+)
 SESSIONS = Gauge("vllm_stateful_sessions", "Open sessions")
 PINNED_TOKENS = Gauge("vllm_stateful_pinned_tokens", "KV tokens pinned by sessions")
 BUDGET_TOKENS = Gauge("vllm_stateful_budget_tokens", "KV tokens sessions may pin together")

@@ -19,7 +19,11 @@ REPORT_KEY = "vllm_stateful_report"
 
 
 class Op(str, enum.Enum):
-    # Ingest the session's tokens and, when done, pin their KV blocks.
+    # Ingest the session's tokens and, when done, pin their KV blocks. With
+    # ``RequestTag.data_tokens``, a flash question rides the chunk: the
+    # prompt is the session's tokens and then the question, the output is
+    # the question's answer, and only the session's tokens are pinned (as
+    # soon as the prompt is computed, before the answer is decoded).
     APPEND = "append"
     # Read the session's KV; never changes the pin. A question someone waits
     # for (foreground work).
@@ -47,11 +51,16 @@ class RequestTag:
     # API side for the next one, so the engine sees the data's true age
     # (its ingestion lag) only from this, not from the request's arrival.
     since: float | None = None
+    # APPEND with a flash question riding it: how many leading prompt tokens
+    # are the session's (the rest is the question).
+    data_tokens: int | None = None
 
     def to_extra_args(self) -> dict[str, Any]:
         raw: dict[str, Any] = {"session": self.session, "op": self.op.value}
         if self.since is not None:
             raw["since"] = self.since
+        if self.data_tokens is not None:
+            raw["data_tokens"] = self.data_tokens
         return {KEY: raw}
 
     @classmethod
@@ -59,7 +68,10 @@ class RequestTag:
         raw = (extra_args or {}).get(KEY)
         if raw is None:
             return None
-        return cls(session=raw["session"], op=Op(raw["op"]), since=raw.get("since"))
+        return cls(
+            session=raw["session"], op=Op(raw["op"]), since=raw.get("since"),
+            data_tokens=raw.get("data_tokens"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ class StatefulEngine:
             self.rpc,
             self.config.ingest_chunk_tokens,
             on_new_version=self.flash.scheduler.preempt,
-            on_ingested=self.flash.scheduler.notify,
+            on_ingested=self.flash.ingested,
+            ride=self.flash.ride,
         )
         self.slider = Slider(
             self.registry, self.ingestor, self.journal, on_swapped=self.flash.scheduler.notify
@@ -150,7 +151,7 @@ class StatefulEngine:
 
     def shutdown(self) -> None:
         self.registry.stop()
-        self.flash.scheduler.stop()
+        self.flash.stop()
         self.engine.shutdown()
         if self.journal.store is not None:
             self.journal.store.close()

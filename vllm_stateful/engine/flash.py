@@ -3,6 +3,14 @@ version and pushed before anyone asks; asking one is a cache hit.
 
 ``FlashBook`` registers and drops them, runs one evaluation (when the
 ``FlashScheduler`` says so) and serves cache hits.
+
+With the engine-side scheduler, one flash query of a session rides the
+ingestion request of each version (``ride``): its prompt is the version's
+tokens and then the question, so the question is computed in the chunk's
+own step, and the answer is decoded as flash work after the engine pinned
+the data. That saves an evaluation its own request: the prefill step, the
+read of the pinned tail, and the round trip from ``ingested`` to the
+engine. The session's other flash queries are evaluated on their own.
 """
 
 from __future__ import annotations
@@ -11,9 +19,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+import asyncio
 from typing import Any, Callable
 
 from vllm import SamplingParams
+from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from vllm_stateful import metrics
@@ -120,6 +130,7 @@ class FlashBook:
         self.rpc = rpc
         self.encode = encode
         self._inflight = 0
+        self._rides: set[asyncio.Task] = set()
         self.scheduler = FlashScheduler(
             evaluate=self._evaluate, is_idle=self._engine_idle,
             concurrency=config.flash_concurrency,
@@ -173,6 +184,7 @@ class FlashBook:
             raise InvalidInputError(f"no flash query '{flash_id}' in session '{session.id}'")
         session.flash_results.pop(flash_id, None)
         session.flash_dirty.discard(flash_id)
+        session.flash_rides.pop(flash_id, None)
 
     # -------------------------------------------------------------------- hits
 
@@ -229,6 +241,90 @@ class FlashBook:
         # included: flash work waits for all of it.
         return self.rpc.unfinished() <= self._inflight
 
+    def ingested(self, session: Session) -> None:
+        """A new version is ingested: evaluate the flash queries whose
+        answer did not ride its ingestion request."""
+        version = session.ingested_version
+        self.scheduler.notify(
+            session, [fid for fid in session.flash if session.flash_rides.get(fid) != version]
+        )
+
+    def _rider(self, session: Session, data_tokens: int) -> FlashQuery | None:
+        """The flash query that rides an ingestion request of this many of
+        the session's tokens, if any: the first registered that fits."""
+        if (
+            not self.rpc.engine_orders  # without it, flash work waits for idle time
+            or not self.config.flash_with_ingest
+            or session.closed
+            or session.offloaded
+            or session.residency is not None
+        ):
+            return None
+        for fq in session.flash.values():
+            if data_tokens + len(fq.token_ids) < self.registry.max_model_len:
+                return fq
+        return None
+
+    async def ride(
+        self, session: Session, prompt_ids: list[int], since: float
+    ) -> RequestOutput | None:
+        """Send the session's ingestion request ``prompt_ids`` (its newest
+        version, whole) with a flash question riding it. Returns the first
+        output: the engine has then computed and pinned the data; the answer
+        is finished in the background and cached like an evaluation's. None
+        when no flash query rides (send a plain append)."""
+        fq = self._rider(session, len(prompt_ids))
+        if fq is None:
+            return None
+        version, key = session.log_version, session.key
+        assert session.length_at(version) == len(prompt_ids)
+        session.flash_rides[fq.id] = version
+        session.flash_dirty.discard(fq.id)  # an older version's evaluation: superseded
+        params = self._params(fq)
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        first: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
+
+        async def answer() -> None:
+            out = None
+            try:
+                async for out in self.rpc.generate(
+                    key, prompt_ids + fq.token_ids, params, Op.APPEND, since, len(prompt_ids)
+                ):
+                    if not first.done():
+                        first.set_result(out)
+            except Exception as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                return  # the next version retries
+            if out is not None and out.finished:
+                metrics.FLASH_WITH_INGEST.inc()
+                self._store(session, fq, version, key, out.outputs[0])
+
+        task = asyncio.create_task(answer())
+        self._rides.add(task)
+        task.add_done_callback(self._rides.discard)
+        try:
+            return await first
+        except asyncio.CancelledError:
+            task.cancel()  # aborts the request
+            raise
+        except InvalidInputError:
+            # The engine refused the flash query's parameters: ingestion
+            # must not fail for it; it is evaluated on its own.
+            session.flash_rides.pop(fq.id, None)
+            return None
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        for task in list(self._rides):
+            task.cancel()
+
+    @staticmethod
+    def _params(fq: FlashQuery) -> SamplingParams:
+        params = fq.params.clone()
+        params.logprobs = 0  # the sampled token's logprob, for the confidence
+        return params
+
     async def _evaluate(self, session: Session, fq: FlashQuery) -> None:
         version = session.ingested_version
         # Read together: a slide swaps log and key at once (engine/slide.py).
@@ -244,9 +340,8 @@ class FlashBook:
             or session.residency is not None
         ):
             return
-        params = fq.params.clone()
+        params = self._params(fq)
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        params.logprobs = 0  # the sampled token's logprob, for the confidence
         self._inflight += 1
         try:
             out = await self.rpc.final(key, prompt_ids, params, Op.FLASH)
@@ -254,8 +349,14 @@ class FlashBook:
             return  # the next version retries; foreground paths report errors
         finally:
             self._inflight -= 1
+        self._store(session, fq, version, key, out.outputs[0])
+
+    def _store(
+        self, session: Session, fq: FlashQuery, version: int, key: str,
+        completion: CompletionOutput,
+    ) -> None:
+        """Cache an answer on ``version`` and push it."""
         metrics.FLASH_EVALUATIONS.inc()
-        completion = out.outputs[0]
         previous = session.flash_results.get(fq.id)
         # Evaluations may finish out of order; versions only move forward.
         # The registration must be the one this evaluation started for.

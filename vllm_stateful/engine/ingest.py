@@ -18,12 +18,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from typing import Callable
+from typing import Awaitable, Callable
+
+from vllm.outputs import RequestOutput
 
 from vllm_stateful import metrics
 from vllm_stateful.engine.rpc import EngineRPC, one_token
 from vllm_stateful.engine.session import Session, SessionEvent
 from vllm_stateful.protocol import EngineReport, Op
+
+# (session, prompt, since) -> the first output of the chunk, or None.
+Ride = Callable[[Session, list[int], float], Awaitable[RequestOutput | None]]
 
 # Weight of the newest measurement in the smoothed ingest rate.
 RATE_SMOOTHING = 0.3
@@ -42,6 +47,7 @@ class Ingestor:
         chunk_tokens: int,
         on_new_version: Callable[[], None],
         on_ingested: Callable[[Session], None],
+        ride: Ride | None = None,
     ):
         assert chunk_tokens >= 1
         self.rpc = rpc
@@ -53,6 +59,9 @@ class Ingestor:
         # an older version) and after a version is ingested.
         self._on_new_version = on_new_version
         self._on_ingested = on_ingested
+        # Sends a version's last chunk with a flash question riding it, if
+        # the session has one (engine/flash.py); None: a plain append.
+        self._ride = ride
 
     def kick(self, session: Session) -> None:
         """Make sure the session's ingestion loop runs (after a failure, this
@@ -77,7 +86,14 @@ class Ingestor:
             start = time.monotonic()
             since = time.time() - session.ingest_lag_s(start)  # the engine paces by it
             try:
-                out = await self.rpc.final(session.key, prompt_ids, one_token(), Op.APPEND, since)
+                out = None
+                if self._ride is not None and end == len(session.tokens):
+                    out = await self._ride(session, prompt_ids, since)
+                rode = out is not None
+                if out is None:
+                    out = await self.rpc.final(
+                        session.key, prompt_ids, one_token(), Op.APPEND, since
+                    )
             except Exception as exc:  # surfaced to waiters; the log is kept
                 session.ingest_error = exc
                 async with session.changed:
@@ -92,8 +108,11 @@ class Ingestor:
             if computed > 0 and elapsed > 0:
                 session.ingest_rate_tps = smooth(session.ingest_rate_tps, computed / elapsed)
                 self.rate_tps = smooth(self.rate_tps, computed / elapsed)
-            report = EngineReport.from_params(out.kv_transfer_params)
-            session.pinned_tokens = report.session_pinned_tokens if report else 0
+            if rode:  # the engine pinned the data before this first output
+                session.pinned_tokens = end
+            else:
+                report = EngineReport.from_params(out.kv_transfer_params)
+                session.pinned_tokens = report.session_pinned_tokens if report else 0
             if session.pinned_tokens:  # an offloaded session's copy was loaded back
                 session.offloaded = False
             session.ingested_tokens = end

@@ -85,10 +85,10 @@ class EngineRPC:
 
     async def generate(
         self, key: str, prompt_ids: list[int], params: SamplingParams, op: Op,
-        since: float | None = None,
+        since: float | None = None, data_tokens: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self.check_alive()
-        tag = RequestTag(key, op, since)
+        tag = RequestTag(key, op, since, data_tokens)
         params.extra_args = {**(params.extra_args or {}), **tag.to_extra_args()}
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=key)
         request_id = f"stateful-{op.value}-{uuid.uuid4().hex}"

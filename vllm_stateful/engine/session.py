@@ -152,6 +152,9 @@ class Session:
     # The newest answer per flash query; versions only move forward.
     flash_results: dict[str, FlashResult] = field(default_factory=dict)
     flash_dirty: set[str] = field(default_factory=set)
+    # Flash id -> the newest version whose answer rides its ingestion
+    # request (engine/flash.py ``FlashBook.ride``): not evaluated again.
+    flash_rides: dict[str, int] = field(default_factory=dict)
     # Ingestion progress and pace (engine/ingest.py). Times are monotonic.
     ingested_tokens: int = 0
     ingest_rate_tps: float | None = None

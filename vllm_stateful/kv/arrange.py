@@ -89,7 +89,7 @@ class Arranger:
         # Tags are parsed once per request and step (this runs every step,
         # over every running and waiting request).
         tags = {r.request_id: tag_of(r) for r in (*running, *waiting)}
-        lanes = {req_id: lane_for(tag) for req_id, tag in tags.items()}
+        lanes = {r.request_id: lane_for(tags[r.request_id], r) for r in (*running, *waiting)}
         foreground = any(lane is Lane.FOREGROUND for lane in lanes.values())
         now = time.monotonic()
         if any(lanes[i] is Lane.FOREGROUND and asks(tag) for i, tag in tags.items()):

@@ -111,6 +111,8 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
         # stay as small as the requests in flight.
         self._live_appends: dict[str, set[str]] = {}
         self._closed: set[str] = set()
+        # Appends a flash question rides whose data is pinned (request ids).
+        self._rode: set[str] = set()
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
         self._offload_store: OffloadStore | None = None
@@ -251,16 +253,13 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
             return False, None
         if (
             tag.op is Op.APPEND
-            and tag.session not in self._closed
+            # A flash question rode it: pinned when its prompt was computed.
+            and tag.data_tokens is None
             and request.num_computed_tokens >= request.num_prompt_tokens
         ):
-            self.pins.replace(tag.session, block_ids, request.prompt_token_ids)
-            copy = self._offloaded.get(tag.session)
-            if copy is not None and len(request.prompt_token_ids) >= len(copy):
-                # Back in the pool, whole: the copy is no longer needed.
-                del self._offloaded[tag.session]
-                self._step_drops.append(tag.session)
+            self._pin(tag.session, block_ids, request.prompt_token_ids)
         if tag.op is Op.APPEND:
+            self._rode.discard(request.request_id)
             self._append_finished(tag.session, request.request_id)
         if tag.op is Op.OFFLOAD:
             self._offload_finished(request.request_id)
@@ -274,6 +273,37 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
                 max_ingest_alongside=wait.max_ingest_alongside,
             )
         return False, report.to_params()
+
+    def prompt_computed(self, request: Request) -> None:
+        """Called by the engine-side scheduler after the step that computed
+        the rest of ``request``'s prompt, before its outputs are processed.
+        An append a flash question rides pins its data now: the session's
+        next request and its ``ingested`` event need not wait for the
+        answer's decode steps. The blocks past the data hold the question;
+        the pin keeps only the data's (a partial last block is copied up to
+        the pin's tokens, ``PinTable.match_tail``)."""
+        tag = _tag(request)
+        if tag is None or tag.op is not Op.APPEND or tag.data_tokens is None:
+            return
+        if request.request_id in self._rode:
+            return  # recomputed after a preemption: pinned already
+        self._rode.add(request.request_id)
+        assert self._kv_cache_manager is not None
+        block_ids = self._kv_cache_manager.get_block_ids(request.request_id)[0]
+        self._pin(tag.session, block_ids, request.prompt_token_ids[: tag.data_tokens])
+
+    def _pin(self, session: str, block_ids: list[int], tokens: list[int]) -> None:
+        """Pin a session's newly ingested version, unless it was closed
+        while the append was in flight."""
+        assert self.pins is not None
+        if session in self._closed:
+            return
+        self.pins.replace(session, block_ids, tokens)
+        copy = self._offloaded.get(session)
+        if copy is not None and len(tokens) >= len(copy):
+            # Back in the pool, whole: the copy is no longer needed.
+            del self._offloaded[session]
+            self._step_drops.append(session)
 
     def _offload_finished(self, request_id: str) -> None:
         """The worker has copied the pin out: release it, unless a newer

@@ -29,12 +29,18 @@ def tag_of(request: Request) -> RequestTag | None:
     return None if params is None else RequestTag.from_extra_args(params.extra_args)
 
 
-def lane_for(tag: RequestTag | None) -> Lane:
-    return Lane.FOREGROUND if tag is None else _LANE_OF_OP.get(tag.op, Lane.FOREGROUND)
+def lane_for(tag: RequestTag | None, request: Request) -> Lane:
+    if tag is None:
+        return Lane.FOREGROUND
+    if tag.data_tokens is not None and request.num_computed_tokens >= request.num_prompt_tokens:
+        # An append a flash question rides: its data is ingested and pinned
+        # once the prompt is computed; what is left is the flash answer.
+        return Lane.FLASH
+    return _LANE_OF_OP.get(tag.op, Lane.FOREGROUND)
 
 
 def lane_of(request: Request) -> Lane:
-    return lane_for(tag_of(request))
+    return lane_for(tag_of(request), request)
 
 
 def asks(tag: RequestTag | None) -> bool:

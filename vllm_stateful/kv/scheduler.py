@@ -67,6 +67,9 @@ class StatefulScheduler(Scheduler):
             attach(self.steps)
         # Each step's time, for the engine's busy share on /metrics.
         self._record_step = getattr(self.connector, "record_step", None)
+        # Pins an append's data once its prompt is computed (a flash
+        # question riding it is still to be answered).
+        self._prompt_computed = getattr(self.connector, "prompt_computed", None)
         logger.info("vllm-stateful: request classes on (foreground > ingestion > flash)")
 
     # ---------------------------------------------------------------- hooks
@@ -122,6 +125,17 @@ class StatefulScheduler(Scheduler):
                     if self.cost.ingest_beside(1) else "none unless starved",
                     self.cost.idle_tokens(True), self.cost.idle_tokens(False),
                 )
+        if self._prompt_computed is not None:
+            # Before vLLM processes the outputs: a request that finishes in
+            # this step is freed there, and its blocks with it.
+            for req_id, n in scheduler_output.num_scheduled_tokens.items():
+                request = self.requests.get(req_id)
+                if request is not None and (
+                    request.num_computed_tokens - n
+                    < request.num_prompt_tokens
+                    <= request.num_computed_tokens
+                ):
+                    self._prompt_computed(request)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     # -------------------------------------------------------------- records

@@ -15,11 +15,11 @@ engine. The session's other flash queries are evaluated on their own.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
 from dataclasses import dataclass
-import asyncio
 from typing import Any, Callable
 
 from vllm import SamplingParams
@@ -280,8 +280,7 @@ class FlashBook:
         assert session.length_at(version) == len(prompt_ids)
         session.flash_rides[fq.id] = version
         session.flash_dirty.discard(fq.id)  # an older version's evaluation: superseded
-        params = self._params(fq)
-        params.output_kind = RequestOutputKind.CUMULATIVE
+        params = self._params(fq, RequestOutputKind.CUMULATIVE)
         first: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
 
         async def answer() -> None:
@@ -320,8 +319,9 @@ class FlashBook:
             task.cancel()
 
     @staticmethod
-    def _params(fq: FlashQuery) -> SamplingParams:
+    def _params(fq: FlashQuery, kind: RequestOutputKind) -> SamplingParams:
         params = fq.params.clone()
+        params.output_kind = kind
         params.logprobs = 0  # the sampled token's logprob, for the confidence
         return params
 
@@ -340,8 +340,7 @@ class FlashBook:
             or session.residency is not None
         ):
             return
-        params = self._params(fq)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params = self._params(fq, RequestOutputKind.FINAL_ONLY)
         self._inflight += 1
         try:
             out = await self.rpc.final(key, prompt_ids, params, Op.FLASH)

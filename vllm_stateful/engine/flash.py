@@ -295,6 +295,9 @@ class FlashBook:
                 if not first.done():
                     first.set_exception(exc)
                 return  # the next version retries
+            finally:
+                if not first.done():  # cancelled (shutdown) before its first output
+                    first.cancel()
             if out is not None and out.finished:
                 metrics.FLASH_WITH_INGEST.inc()
                 self._store(session, fq, version, key, out.outputs[0])

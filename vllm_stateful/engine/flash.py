@@ -252,18 +252,23 @@ class FlashBook:
     def _rider(self, session: Session, data_tokens: int) -> FlashQuery | None:
         """The flash query that rides an ingestion request of this many of
         the session's tokens, if any: the first registered that fits."""
-        if (
-            not self.rpc.engine_orders  # without it, flash work waits for idle time
-            or not self.config.flash_with_ingest
-            or session.closed
-            or session.offloaded
-            or session.residency is not None
-        ):
-            return None
+        if not self.rpc.engine_orders or not self.config.flash_with_ingest:
+            return None  # without the engine's ordering, flash work waits for idle time
         for fq in session.flash.values():
-            if data_tokens + len(fq.token_ids) < self.registry.max_model_len:
+            if self._may_evaluate(session, data_tokens + len(fq.token_ids)):
                 return fq
         return None
+
+    def _may_evaluate(self, session: Session, prompt_tokens: int) -> bool:
+        """An evaluation of this many prompt tokens fits the model and the
+        session is open and in the pool (out of it, its answers stay cached
+        until it is used again)."""
+        return (
+            prompt_tokens < self.registry.max_model_len
+            and not session.closed
+            and not session.offloaded
+            and session.residency is None
+        )
 
     async def ride(
         self, session: Session, prompt_ids: list[int], since: float
@@ -334,14 +339,7 @@ class FlashBook:
         prompt_ids, key = session.tokens_at(version) + fq.token_ids, session.key
         # ``is``, not ``in``: a flash id dropped and registered again names
         # another question; this evaluation belongs to the old one.
-        if (
-            len(prompt_ids) >= self.registry.max_model_len
-            or session.closed
-            or session.flash.get(fq.id) is not fq
-            # Out of the pool: its answers stay cached until it is used again.
-            or session.offloaded
-            or session.residency is not None
-        ):
+        if session.flash.get(fq.id) is not fq or not self._may_evaluate(session, len(prompt_ids)):
             return
         params = self._params(fq, RequestOutputKind.FINAL_ONLY)
         self._inflight += 1

@@ -32,7 +32,7 @@ class StatefulConfig:
     flash_concurrency: int = 4
     # With the engine-side scheduler, one flash query per session rides the
     # ingestion request of each version instead of an evaluation request of
-    # its own (engine/flash.py ``FlashBook.ride``).
+    # its own (engine/flash_ride.py).
     flash_with_ingest: bool = True
     # Ingestion sends at most this many new tokens per engine request; each
     # finished chunk is pinned (progress survives a later failure). How long

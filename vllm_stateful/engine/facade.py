@@ -123,7 +123,7 @@ class StatefulEngine:
             self.config.ingest_chunk_tokens,
             on_new_version=self.flash.scheduler.preempt,
             on_ingested=self.flash.ingested,
-            ride=self.flash.ride,
+            ride=self.flash.rides.ride,
         )
         self.slider = Slider(
             self.registry, self.ingestor, self.journal, on_swapped=self.flash.scheduler.notify

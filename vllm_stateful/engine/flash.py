@@ -4,18 +4,13 @@ version and pushed before anyone asks; asking one is a cache hit.
 ``FlashBook`` registers and drops them, runs one evaluation (when the
 ``FlashScheduler`` says so) and serves cache hits.
 
-With the engine-side scheduler, one flash query of a session rides the
-ingestion request of each version (``ride``): its prompt is the version's
-tokens and then the question, so the question is computed in the chunk's
-own step, and the answer is decoded as flash work after the engine pinned
-the data. That saves an evaluation its own request: the prefill step, the
-read of the pinned tail, and the round trip from ``ingested`` to the
-engine. The session's other flash queries are evaluated on their own.
+With the engine-side scheduler, one flash query of a session rides each
+version's ingestion request instead (``flash_ride.py``); ``ingested`` then
+evaluates only the others.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -23,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vllm import SamplingParams
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import CompletionOutput
 from vllm.sampling_params import RequestOutputKind
 
 from vllm_stateful import metrics
 from vllm_stateful.config import StatefulConfig
+from vllm_stateful.engine.flash_ride import FlashRides
 from vllm_stateful.engine.flash_scheduler import FlashScheduler
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.result import QueryResult
@@ -130,7 +126,7 @@ class FlashBook:
         self.rpc = rpc
         self.encode = encode
         self._inflight = 0
-        self._rides: set[asyncio.Task] = set()
+        self.rides = FlashRides(self)
         self.scheduler = FlashScheduler(
             evaluate=self._evaluate, is_idle=self._engine_idle,
             concurrency=config.flash_concurrency,
@@ -249,17 +245,7 @@ class FlashBook:
             session, [fid for fid in session.flash if session.flash_rides.get(fid) != version]
         )
 
-    def _rider(self, session: Session, data_tokens: int) -> FlashQuery | None:
-        """The flash query that rides an ingestion request of this many of
-        the session's tokens, if any: the first registered that fits."""
-        if not self.rpc.engine_orders or not self.config.flash_with_ingest:
-            return None  # without the engine's ordering, flash work waits for idle time
-        for fq in session.flash.values():
-            if self._may_evaluate(session, data_tokens + len(fq.token_ids)):
-                return fq
-        return None
-
-    def _may_evaluate(self, session: Session, prompt_tokens: int) -> bool:
+    def may_evaluate(self, session: Session, prompt_tokens: int) -> bool:
         """An evaluation of this many prompt tokens fits the model and the
         session is open and in the pool (out of it, its answers stay cached
         until it is used again)."""
@@ -270,64 +256,12 @@ class FlashBook:
             and session.residency is None
         )
 
-    async def ride(
-        self, session: Session, prompt_ids: list[int], since: float
-    ) -> RequestOutput | None:
-        """Send the session's ingestion request ``prompt_ids`` (its newest
-        version, whole) with a flash question riding it. Returns the first
-        output: the engine has then computed and pinned the data; the answer
-        is finished in the background and cached like an evaluation's. None
-        when no flash query rides (send a plain append)."""
-        fq = self._rider(session, len(prompt_ids))
-        if fq is None:
-            return None
-        version, key = session.log_version, session.key
-        assert session.length_at(version) == len(prompt_ids)
-        session.flash_rides[fq.id] = version
-        session.flash_dirty.discard(fq.id)  # an older version's evaluation: superseded
-        params = self._params(fq, RequestOutputKind.CUMULATIVE)
-        first: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
-
-        async def answer() -> None:
-            out = None
-            try:
-                async for out in self.rpc.generate(
-                    key, prompt_ids + fq.token_ids, params, Op.APPEND, since, len(prompt_ids)
-                ):
-                    if not first.done():
-                        first.set_result(out)
-            except Exception as exc:
-                if not first.done():
-                    first.set_exception(exc)
-                return  # the next version retries
-            finally:
-                if not first.done():  # cancelled (shutdown) before its first output
-                    first.cancel()
-            if out is not None and out.finished:
-                metrics.FLASH_WITH_INGEST.inc()
-                self._store(session, fq, version, key, out.outputs[0])
-
-        task = asyncio.create_task(answer())
-        self._rides.add(task)
-        task.add_done_callback(self._rides.discard)
-        try:
-            return await first
-        except asyncio.CancelledError:
-            task.cancel()  # aborts the request
-            raise
-        except InvalidInputError:
-            # The engine refused the flash query's parameters: ingestion
-            # must not fail for it; it is evaluated on its own.
-            session.flash_rides.pop(fq.id, None)
-            return None
-
     def stop(self) -> None:
         self.scheduler.stop()
-        for task in list(self._rides):
-            task.cancel()
+        self.rides.stop()
 
     @staticmethod
-    def _params(fq: FlashQuery, kind: RequestOutputKind) -> SamplingParams:
+    def params(fq: FlashQuery, kind: RequestOutputKind) -> SamplingParams:
         params = fq.params.clone()
         params.output_kind = kind
         params.logprobs = 0  # the sampled token's logprob, for the confidence
@@ -339,9 +273,9 @@ class FlashBook:
         prompt_ids, key = session.tokens_at(version) + fq.token_ids, session.key
         # ``is``, not ``in``: a flash id dropped and registered again names
         # another question; this evaluation belongs to the old one.
-        if session.flash.get(fq.id) is not fq or not self._may_evaluate(session, len(prompt_ids)):
+        if session.flash.get(fq.id) is not fq or not self.may_evaluate(session, len(prompt_ids)):
             return
-        params = self._params(fq, RequestOutputKind.FINAL_ONLY)
+        params = self.params(fq, RequestOutputKind.FINAL_ONLY)
         self._inflight += 1
         try:
             out = await self.rpc.final(key, prompt_ids, params, Op.FLASH)
@@ -349,9 +283,9 @@ class FlashBook:
             return  # the next version retries; foreground paths report errors
         finally:
             self._inflight -= 1
-        self._store(session, fq, version, key, out.outputs[0])
+        self.store(session, fq, version, key, out.outputs[0])
 
-    def _store(
+    def store(
         self, session: Session, fq: FlashQuery, version: int, key: str,
         completion: CompletionOutput,
     ) -> None:

@@ -153,7 +153,7 @@ class Session:
     flash_results: dict[str, FlashResult] = field(default_factory=dict)
     flash_dirty: set[str] = field(default_factory=set)
     # Flash id -> the newest version whose answer rides its ingestion
-    # request (engine/flash.py ``FlashBook.ride``): not evaluated again.
+    # request (engine/flash_ride.py): not evaluated again.
     flash_rides: dict[str, int] = field(default_factory=dict)
     # Ingestion progress and pace (engine/ingest.py). Times are monotonic.
     ingested_tokens: int = 0

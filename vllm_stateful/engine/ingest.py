@@ -60,7 +60,7 @@ class Ingestor:
         self._on_new_version = on_new_version
         self._on_ingested = on_ingested
         # Sends a version's last chunk with a flash question riding it, if
-        # the session has one (engine/flash.py); None: a plain append.
+        # the session has one (engine/flash_ride.py); None: a plain append.
         self._ride = ride
 
     def kick(self, session: Session) -> None:

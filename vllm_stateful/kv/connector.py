@@ -11,8 +11,9 @@ block the request was given, before the forward pass. Together a query
 computes exactly its own tokens.
 
 Offload (``Op.OFFLOAD``): the worker copies a session's pinned blocks out of
-the pool (``offload.py``: host memory, then disk) in the step the control
-request is scheduled, and the pin is released. The session's next request
+the pool (``offload.py``: host memory, then disk; ``offload_plan.py``: what
+to copy in each step) in the step the control request is scheduled, and
+the pin is released. The session's next request
 claims those tokens as external and the worker loads them back into the
 blocks it was given, so bringing a session back computes nothing but the
 one token vLLM needs to run; its append pins the blocks again. A file left
@@ -38,7 +39,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from vllm_stateful.kv.engine_time import ReportsEngineTime
-from vllm_stateful.kv.offload import OffloadStore, stored_tokens
+from vllm_stateful.kv.offload import OffloadStore
+from vllm_stateful.kv.offload_plan import OffloadPlan
 from vllm_stateful.kv.pins import PinTable
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op, RequestTag
 
@@ -93,17 +95,7 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
         self._planned: dict[str, tuple[int, int, int]] = {}  # req -> (src, n, dst index)
         self._loaded: dict[str, int] = {}  # req -> tail tokens copied
         self._step_copies: list[tuple[int, int]] = []
-        # Offloaded sessions: key -> the token ids their copy holds.
-        self._offloaded: dict[str, list[int]] = {}
-        # Keys whose disk has no copy from an earlier run: looked up once, not
-        # on every scheduling attempt (later copies are this engine's own,
-        # in ``_offloaded``). Forgotten on CLOSE.
-        self._no_stored_copy: set[str] = set()
-        self._planned_loads: dict[str, tuple[str, int, int]] = {}  # req -> (key, n, first block)
-        self._saving: dict[str, tuple[str, list[int]]] = {}  # OFFLOAD req -> (key, tokens saved)
-        self._step_saves: list[tuple[str, list[int], list[int]]] = []
-        self._step_loads: list[tuple[str, list[int], list[int]]] = []
-        self._step_drops: list[str] = []
+        self.offload_plan = OffloadPlan(self.block_size)
         # Appends in flight per session key (request ids), and the keys closed
         # while one of them was in flight: such an append must not pin again
         # when it finishes. A closed key is forgotten once its last append in
@@ -151,26 +143,19 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
             if self._live_appends.get(tag.session):
                 self._closed.add(tag.session)
             self.pins.release(tag.session)
-            self._offloaded.pop(tag.session, None)
-            self._no_stored_copy.discard(tag.session)
-            self._step_drops.append(tag.session)
+            self.offload_plan.closed(tag.session)
             return 0, False
+        pin = self.pins.pins.get(tag.session)
         if tag.op is Op.OFFLOAD:
-            pin = self.pins.pins.get(tag.session)
-            if pin is not None and request.request_id not in self._saving:  # once
-                # Copied out by the worker in this step. The pin is released
-                # only when this request finishes: until then no other
-                # request can be given these blocks and write over them.
-                self._step_saves.append((tag.session, list(pin.block_ids), list(pin.token_ids)))
-                self._saving[request.request_id] = (tag.session, list(pin.token_ids))
+            if pin is not None:
+                self.offload_plan.save(
+                    request.request_id, tag.session, pin.block_ids, pin.token_ids
+                )
             return 0, False
         if tag.op is Op.PROBE:
             return 0, False
-        pin, copy = self.pins.pins.get(tag.session), self._offloaded.get(tag.session)
-        if pin is None or (copy is not None and len(copy) > len(pin.token_ids)):
-            # Out of the pool, or coming back in chunks (a restore after a
-            # restart): the copy supplies what it holds.
-            return self._plan_load(request, tag.session, num_computed_tokens)
+        if self.offload_plan.supplies(tag.session, None if pin is None else len(pin.token_ids)):
+            return self.offload_plan.plan_load(request, tag.session, num_computed_tokens), False
         n, src = self.pins.match_tail(
             tag.session, request.prompt_token_ids, num_computed_tokens
         )
@@ -183,42 +168,12 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
         # before the forward pass that reads it.
         return n, False
 
-    def _plan_load(self, request: Request, key: str, computed: int) -> tuple[int, bool]:
-        """Tokens past the prefix-cache hit that the session's offloaded copy
-        can supply: as far as the prompt equals the copy's tokens (KV is valid
-        only for an identical prefix), leaving one token to compute."""
-        self._planned_loads.pop(request.request_id, None)
-        tokens = self._offloaded.get(key)
-        if tokens is None and key not in self._no_stored_copy:
-            tokens = stored_tokens(key)  # written by an earlier run of the engine
-            if tokens is None:
-                self._no_stored_copy.add(key)
-            else:
-                self._offloaded[key] = tokens
-        if tokens is None or computed % self.block_size:
-            return 0, False
-        prompt = request.prompt_token_ids
-        limit = min(len(tokens), len(prompt) - 1)
-        same = 0
-        while same < limit and prompt[same] == tokens[same]:
-            same += 1
-        if same <= computed:
-            return 0, False
-        n = same - computed
-        self._planned_loads[request.request_id] = (key, n, computed // self.block_size)
-        return n, False
-
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        load = self._planned_loads.pop(request.request_id, None)
-        if load is not None and num_external_tokens:
-            key, n, first = load
-            assert n == num_external_tokens, (n, num_external_tokens)
-            last = (first * self.block_size + n - 1) // self.block_size
-            dst = blocks.get_block_ids()[0][first : last + 1]
-            self._step_loads.append((key, list(range(first, last + 1)), list(dst)))
-            self._loaded[request.request_id] = n
+        loaded = self.offload_plan.allocated(request.request_id, blocks, num_external_tokens)
+        if loaded:
+            self._loaded[request.request_id] = loaded
             return
         plan = self._planned.pop(request.request_id, None)
         if num_external_tokens == 0 or plan is None:
@@ -232,18 +187,18 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput
     ) -> KVConnectorMetadata:
+        step = self.offload_plan.take_step()
         meta = StatefulConnectorMetadata(
-            copies=self._step_copies, saves=self._step_saves, loads=self._step_loads,
-            drops=self._step_drops,
-        )  # fmt: skip
-        self._step_copies, self._step_saves, self._step_loads, self._step_drops = [], [], [], []
+            copies=self._step_copies, saves=step.saves, loads=step.loads, drops=step.drops
+        )
+        self._step_copies = []
         return meta
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._planned.pop(request.request_id, None)
-        self._planned_loads.pop(request.request_id, None)
+        self.offload_plan.forget(request.request_id)
         loaded = self._loaded.pop(request.request_id, 0)
         tag = _tag(request)
         wait = self._step_log.pop(request.request_id) if self._step_log else None
@@ -262,7 +217,7 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
             self._rode.discard(request.request_id)
             self._append_finished(tag.session, request.request_id)
         if tag.op is Op.OFFLOAD:
-            self._offload_finished(request.request_id)
+            self.offload_plan.saved(request.request_id, self.pins)
         report = self._report(request, tag, loaded)
         if wait is not None:
             report = dataclasses.replace(
@@ -299,25 +254,7 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
         if session in self._closed:
             return
         self.pins.replace(session, block_ids, tokens)
-        copy = self._offloaded.get(session)
-        if copy is not None and len(tokens) >= len(copy):
-            # Back in the pool, whole: the copy is no longer needed.
-            del self._offloaded[session]
-            self._step_drops.append(session)
-
-    def _offload_finished(self, request_id: str) -> None:
-        """The worker has copied the pin out: release it, unless a newer
-        version was pinned meanwhile (then the copy is stale: drop it)."""
-        saving = self._saving.pop(request_id, None)
-        if saving is None:
-            return
-        key, tokens = saving
-        pin = self.pins.pins.get(key)
-        if pin is not None and pin.token_ids == tokens:
-            self._offloaded[key] = tokens
-            self.pins.release(key)
-        else:
-            self._step_drops.append(key)
+        self.offload_plan.pinned(session, len(tokens))  # back in the pool, whole: drops the copy
 
     def _append_finished(self, session: str, request_id: str) -> None:
         live = self._live_appends.get(session)

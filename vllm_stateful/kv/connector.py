@@ -13,11 +13,11 @@ computes exactly its own tokens.
 Offload (``Op.OFFLOAD``): the worker copies a session's pinned blocks out of
 the pool (``offload.py``: host memory, then disk; ``offload_plan.py``: what
 to copy in each step) in the step the control request is scheduled, and
-the pin is released. The session's next request
-claims those tokens as external and the worker loads them back into the
-blocks it was given, so bringing a session back computes nothing but the
-one token vLLM needs to run; its append pins the blocks again. A file left
-by an earlier run of the engine is found by the session's key (restart).
+the pin is released. The session's next request claims those tokens as
+external and the worker loads them back into the blocks it was given, so
+bringing a session back computes nothing but the one token vLLM needs to
+run; its append pins the blocks again. A file left by an earlier run of the
+engine is found by the session's key (restart).
 
 Correctness never depends on a pin: untagged requests and mismatching
 prompts get 0 external tokens and simply recompute.

@@ -40,7 +40,7 @@ from vllm.logger import init_logger
 
 from vllm_stateful.kv.engine_time import ReportsEngineTime
 from vllm_stateful.kv.offload import OffloadStore
-from vllm_stateful.kv.offload_plan import OffloadPlan
+from vllm_stateful.kv.offload_plan import OffloadPlan, StepTransfers
 from vllm_stateful.kv.pins import PinTable
 from vllm_stateful.protocol import REPORT_KEY, EngineReport, Op, RequestTag
 
@@ -63,12 +63,9 @@ logger = init_logger(f"vllm.{__name__}")
 class StatefulConnectorMetadata(KVConnectorMetadata):
     # (src_block_id, dst_block_id) copies to run before this step's forward.
     copies: list[tuple[int, int]] = field(default_factory=list)
-    # Offload: (session key, block ids, their token ids) to copy out of the
-    # pool; (key, block indices in the copy, block ids) to load back; keys
-    # whose copies are no longer needed. Run before copies, in this order.
-    saves: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
-    loads: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
-    drops: list[str] = field(default_factory=list)
+    # Offload's saves, loads and drops (``offload_plan.py``): run before
+    # copies, in that order.
+    offload: StepTransfers = field(default_factory=StepTransfers)
 
 
 def _wants_report(request: Request) -> bool:
@@ -187,9 +184,8 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput
     ) -> KVConnectorMetadata:
-        step = self.offload_plan.take_step()
         meta = StatefulConnectorMetadata(
-            copies=self._step_copies, saves=step.saves, loads=step.loads, drops=step.drops
+            copies=self._step_copies, offload=self.offload_plan.take_step()
         )
         self._step_copies = []
         return meta
@@ -298,13 +294,14 @@ class StatefulConnector(ReportsEngineTime, KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, StatefulConnectorMetadata)
         store = self._offload_store
-        if meta.saves or meta.loads or meta.drops:
+        transfers = meta.offload
+        if transfers.saves or transfers.loads or transfers.drops:
             assert store is not None
-        for key, block_ids, tokens in meta.saves:
+        for key, block_ids, tokens in transfers.saves:
             store.save(key, self._kv_caches, block_ids, tokens)
-        for key, src_blocks, dst_blocks in meta.loads:
+        for key, src_blocks, dst_blocks in transfers.loads:
             store.load(key, self._kv_caches, src_blocks, dst_blocks)
-        for key in meta.drops:
+        for key in transfers.drops:
             store.drop(key)
         for src, dst in meta.copies:
             for cache in self._kv_caches:

@@ -27,6 +27,8 @@ Load = tuple[str, list[int], list[int]]
 
 @dataclass
 class StepTransfers:
+    """What the worker runs in one step (sent in the connector's metadata)."""
+
     saves: list[Save] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
     drops: list[str] = field(default_factory=list)  # copies no longer needed

@@ -1,9 +1,10 @@
 """StatefulEngine: the public, async session API over vLLM's ``AsyncLLM``.
 
 A thin facade: admission and lifecycle live in ``registry``, opening and
-appending in ``writes``, ingestion in ``ingest``, questions in ``query``,
-flash queries in ``flash``, token ids in ``tokens``, and what is sent to vLLM
-in ``rpc``.
+appending in ``writes``, ingestion in ``ingest``, questions in ``query``
+(and the rules of a committing one in ``commit``), flash queries in
+``flash``, token ids in ``tokens``, and what is sent to vLLM in ``rpc``;
+``args`` builds the engine arguments.
 """
 
 from __future__ import annotations
@@ -17,57 +18,27 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 
 from vllm_stateful import metrics
-from vllm_stateful.config import (
-    StatefulConfig,
-    connector_config,
-    scheduler_cls,
-    speculative_config,
-)
+from vllm_stateful.config import StatefulConfig, connector_config
+from vllm_stateful.engine import commit as commit_check
 from vllm_stateful.engine import recovery
 from vllm_stateful.engine.budget import Budget, budget_limit
 from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
 from vllm_stateful.engine.journal import Journal
 from vllm_stateful.engine.query import Querier
-from vllm_stateful.engine.reconcile import Reconciliation, reconcile
+from vllm_stateful.engine.reconcile import Reconciliation, busy_keys, reconcile
 from vllm_stateful.engine.recovery import RestorePlan
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import EngineKVStats, QueryResult
 from vllm_stateful.engine.rpc import EngineRPC
-from vllm_stateful.engine.session import Session, SessionState, SessionStats
+from vllm_stateful.engine.session import Session, SessionStats
 from vllm_stateful.engine.slide import Slider
 from vllm_stateful.engine.tokens import Data, Tokens
 from vllm_stateful.engine.writes import Writer
-from vllm_stateful.errors import (
-    CommitConflictError,
-    IngestionFailedError,
-    InvalidInputError,
-    SessionClosedError,
-)
+from vllm_stateful.errors import IngestionFailedError, InvalidInputError, SessionClosedError
 from vllm_stateful.protocol import Op
 from vllm_stateful.store import SessionStore
-
-
-def stateful_engine_args(**kwargs: Any) -> AsyncEngineArgs:
-    """``AsyncEngineArgs`` with the session connector, the session-aware
-    scheduler and prefix caching on, float32 by default on CPUs without
-    native bf16 (``cpu_dtype.py``), and speculative decoding as
-    ``VLLM_STATEFUL_SPECULATION`` says (``config.speculative_config``); a
-    ``speculative_config`` given here wins, ``None`` turns it off."""
-    from vllm_stateful.cpu_dtype import default_dtype
-    from vllm_stateful.numba_threads import keep_engine_threads
-
-    kwargs.setdefault("enable_prefix_caching", True)
-    kwargs.setdefault("scheduler_cls", scheduler_cls())
-    if "speculative_config" not in kwargs:
-        kwargs["speculative_config"] = speculative_config()
-    keep_engine_threads(kwargs["speculative_config"])
-    kwargs["kv_transfer_config"] = connector_config()
-    # float32 on CPUs without native bf16, unless a dtype was given.
-    if (dtype := default_dtype(kwargs.get("dtype"))) is not None:
-        kwargs["dtype"] = dtype
-    return AsyncEngineArgs(**kwargs)
 
 
 class StatefulEngine:
@@ -299,14 +270,7 @@ class StatefulEngine:
         no pin without a session. Sessions whose ingestion or release is in
         flight are skipped (counted in ``skipped``). Sets the
         ``vllm_stateful_reconcile_mismatches`` metric."""
-        busy = {
-            s.key for s in self.registry.budgeted()
-            if s.state is not SessionState.ACTIVE
-            or s.residency is not None
-            or (s.ingest_task is not None and not s.ingest_task.done())
-            or s.window is not None
-            or s.retiring
-        }  # fmt: skip
+        busy = busy_keys(self.registry.budgeted())
         report = await self.rpc.control("probe-" + uuid.uuid4().hex, Op.PROBE)
         assert report.pins is not None, "the connector did not report its pins"
         result = reconcile(
@@ -343,7 +307,7 @@ class StatefulEngine:
         when an append arrived while it ran."""
         self.rpc.check_alive()
         if commit and consistency == "ingested":
-            self._check_commit(session_id, None)
+            commit_check.check_before(self.registry.get(session_id))
         result = None
         async for result in self.queries.run(
             session_id, prompt, sampling_params, consistency, stream=False,
@@ -352,29 +316,12 @@ class StatefulEngine:
             pass
         assert result is not None
         if commit:
-            self._check_commit(session_id, result.version)
+            commit_check.check_after(self.registry.get(session_id), result.version)
             # No await between the check and the append (append takes the
             # version synchronously): nothing can land in between.
             committed = await self.append(session_id, self.encode(prompt) + result.token_ids)
             result = dataclasses.replace(result, committed_version=committed)
         return result
-
-    def _check_commit(self, session_id: str, seen: int | None) -> None:
-        session = self.registry.get(session_id)
-        if seen is None:  # before answering: the answer will see the ingested version
-            if session.ingested_version == session.version:
-                return
-            raise CommitConflictError(
-                f"commit refused: session '{session_id}' is at version {session.version} but "
-                f"only version {session.ingested_version} is ingested, so the answer would "
-                f"not see the newest appends; ask with consistency='latest' (or wait for "
-                f"ingestion) to commit"
-            )
-        if session.version != seen:
-            raise CommitConflictError(
-                f"commit refused: the answer saw version {seen} of session '{session_id}', "
-                f"which has moved on to version {session.version}; nothing was appended"
-            )
 
     def query_stream(
         self,

@@ -55,6 +55,16 @@ def _in_flight(session: Session) -> bool:
     return ingesting or sliding or session.state in (SessionState.CREATING, SessionState.CLOSING)
 
 
+def busy_keys(sessions: Iterable[Session]) -> set[str]:
+    """Keys of the sessions whose pins may change under a probe sent now:
+    not active (creating, restoring, closing, failed), moving between the
+    engine and the offload store, or ingesting or sliding."""
+    return {
+        s.key for s in sessions
+        if s.state is not SessionState.ACTIVE or s.residency is not None or _in_flight(s)
+    }  # fmt: skip
+
+
 def reconcile(
     sessions: Iterable[Session],
     busy_keys: set[str],

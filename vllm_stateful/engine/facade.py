@@ -22,7 +22,8 @@ from vllm_stateful.config import StatefulConfig, connector_config
 from vllm_stateful.engine import commit as commit_check
 from vllm_stateful.engine import recovery
 from vllm_stateful.engine.budget import Budget, budget_limit
-from vllm_stateful.engine.flash import FlashBook, FlashQuery, FlashResult
+from vllm_stateful.engine.flash import FlashBook
+from vllm_stateful.engine.flash_query import FlashQuery, FlashResult
 from vllm_stateful.engine.ingest import Ingestor
 from vllm_stateful.engine.journal import Journal
 from vllm_stateful.engine.query import Querier

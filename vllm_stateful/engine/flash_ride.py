@@ -23,7 +23,8 @@ from vllm_stateful.errors import InvalidInputError
 from vllm_stateful.protocol import Op
 
 if TYPE_CHECKING:
-    from vllm_stateful.engine.flash import FlashBook, FlashQuery
+    from vllm_stateful.engine.flash import FlashBook
+    from vllm_stateful.engine.flash_query import FlashQuery
     from vllm_stateful.engine.session import Session
 
 

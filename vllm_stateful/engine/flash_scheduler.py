@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 if TYPE_CHECKING:
-    from vllm_stateful.engine.flash import FlashQuery
+    from vllm_stateful.engine.flash_query import FlashQuery
     from vllm_stateful.engine.session import Session
 
 Evaluate = Callable[["Session", "FlashQuery"], Awaitable[None]]

@@ -17,7 +17,7 @@ from vllm_stateful.sampling_fields import SAMPLING_FIELDS
 from vllm_stateful.store import SessionStore, StoredFlash, StoredSession
 
 if TYPE_CHECKING:
-    from vllm_stateful.engine.flash import FlashQuery
+    from vllm_stateful.engine.flash_query import FlashQuery
     from vllm_stateful.engine.session import Session
 
 # Ends after which the session stays in the store, to be restored.

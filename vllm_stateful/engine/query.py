@@ -16,7 +16,8 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from vllm_stateful import metrics
-from vllm_stateful.engine.flash import FlashBook, check_staleness
+from vllm_stateful.engine.flash import FlashBook
+from vllm_stateful.engine.flash_query import check_staleness
 from vllm_stateful.engine.registry import SessionRegistry
 from vllm_stateful.engine.residency import Residency
 from vllm_stateful.engine.result import QueryResult

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vllm_stateful.engine.flash import FlashQuery, FlashResult
+    from vllm_stateful.engine.flash_query import FlashQuery, FlashResult
 
 
 class SessionState(str, enum.Enum):

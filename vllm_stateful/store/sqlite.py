@@ -1,5 +1,5 @@
 """The session store: SQLite in WAL mode, written by one thread with group
-commit.
+commit (``group_commit.py``).
 
 Every write is queued and returns an ``asyncio.Future`` that completes once
 the write is durable. The writer thread takes everything queued, applies it
@@ -25,22 +25,15 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import logging
 import os
-import queue
 import sqlite3
-import threading
 from array import array
 from pathlib import Path
-from typing import Callable
 
+from vllm_stateful.store.group_commit import GroupCommit
 from vllm_stateful.store.records import StoredFlash, StoredSession
 
-logger = logging.getLogger(f"vllm.{__name__}")
-
 SYNC_MODES = ("group", "each", "os")
-# At most this many writes share one commit.
-MAX_BATCH = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,8 +61,6 @@ _COLUMNS = (
     "id, key, token_hash, tenant, ttl_s, created_at, last_used, "
     "overflow, max_tokens, first_version, dropped_tokens, slides"
 )
-
-Write = Callable[[sqlite3.Connection], None]
 
 
 class StoreError(RuntimeError):
@@ -106,9 +97,7 @@ class SessionStore:
             self._conn.close()
             os.close(self._lock)
             raise
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="vllm-stateful-store", daemon=True)
-        self._thread.start()
+        self._writer = GroupCommit(self._conn, each=sync == "each")
 
     def _migrate(self) -> None:
         """Add the columns an older file lacks (existing rows get the
@@ -189,14 +178,14 @@ class SessionStore:
             for fq in s.flash:
                 _put_flash(db, s.id, fq)
 
-        return self._submit(write)
+        return self._writer.submit(write)
 
     def append(self, session_id: str, version: int, tokens: list[int], now: float) -> asyncio.Future:
         def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO appends VALUES (?, ?, ?)", (session_id, version, _pack(tokens)))
             db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (now, session_id))
 
-        return self._submit(write)
+        return self._writer.submit(write)
 
     def slid(
         self, session_id: str, key: str, first_version: int, dropped_tokens: int, slides: int
@@ -215,7 +204,7 @@ class SessionStore:
                 (key, first_version, dropped_tokens, slides, session_id),
             )
 
-        return self._submit(write)
+        return self._writer.submit(write)
 
     def touch(self, last_used: dict[str, float]) -> asyncio.Future:
         def write(db: sqlite3.Connection) -> None:
@@ -224,81 +213,24 @@ class SessionStore:
                 [(t, sid) for sid, t in last_used.items()],
             )
 
-        return self._submit(write)
+        return self._writer.submit(write)
 
     def put_flash(self, session_id: str, fq: StoredFlash) -> asyncio.Future:
-        return self._submit(lambda db: _put_flash(db, session_id, fq))
+        return self._writer.submit(lambda db: _put_flash(db, session_id, fq))
 
     def drop_flash(self, session_id: str, flash_id: str) -> asyncio.Future:
-        return self._submit(lambda db: db.execute(
+        return self._writer.submit(lambda db: db.execute(
             "DELETE FROM flash WHERE session_id = ? AND flash_id = ?", (session_id, flash_id)
         ))  # fmt: skip
 
     def delete(self, session_id: str) -> asyncio.Future:
-        return self._submit(lambda db: _delete(db, session_id))
+        return self._writer.submit(lambda db: _delete(db, session_id))
 
     def close(self) -> None:
         """Finish the queued writes and close the file."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._writer.close()
         self._conn.close()
         os.close(self._lock)
-
-    # ------------------------------------------------------------------- writer
-
-    def _submit(self, write: Write) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        future.add_done_callback(_log_failure)
-        self._queue.put((write, future, loop))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = [first], False
-            while self.sync != "each" and len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
-
-    def _commit(self, batch: list) -> None:
-        try:
-            self._transaction([w for w, _, _ in batch])
-            errors: list[BaseException | None] = [None] * len(batch)
-        except Exception:  # noqa: BLE001 - find which write failed: one at a time
-            errors = []
-            for write, _, _ in batch:
-                try:
-                    self._transaction([write])
-                    errors.append(None)
-                except Exception as exc:  # noqa: BLE001 - handed to its caller
-                    errors.append(exc)
-        for (_, future, loop), error in zip(batch, errors):
-            loop.call_soon_threadsafe(_settle, future, error)
-
-    def _transaction(self, writes: list[Write]) -> None:
-        db = self._conn
-        db.execute("BEGIN")
-        try:
-            for write in writes:
-                write(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")  # the one fsync of the batch (unless sync="os")
-
 
 def _put_flash(db: sqlite3.Connection, session_id: str, fq: StoredFlash) -> None:
     spec = json.dumps({
@@ -311,21 +243,6 @@ def _put_flash(db: sqlite3.Connection, session_id: str, fq: StoredFlash) -> None
 def _delete(db: sqlite3.Connection, session_id: str) -> None:
     for table, column in (("sessions", "id"), ("appends", "session_id"), ("flash", "session_id")):
         db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _log_failure(future: asyncio.Future) -> None:
-    # Also marks the exception retrieved for writes nobody awaits.
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("session store write failed: %r", future.exception())
 
 
 def _lock(path: Path) -> int:

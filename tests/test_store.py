@@ -42,7 +42,7 @@ async def blocked(store: SessionStore) -> tuple[threading.Event, asyncio.Future]
         running.set()
         go.wait(30)
 
-    future = store._submit(write)
+    future = store._writer.submit(write)
     await asyncio.to_thread(running.wait, 30)
     return go, future
 

@@ -173,6 +173,9 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
         trace.parent.mkdir(parents=True, exist_ok=True)
         trace.unlink(missing_ok=True)
         env[TRACE_ENV] = str(trace)
+    # Settings the server inherits (an A/B of a scheduling knob) are part
+    # of what was measured.
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("VLLM_STATEFUL_")}
     server = Server(argv, env, port, spec.health_path,
                     args.out / "logs" / f"{args.stem}-{key}.log")  # fmt: skip
     print(f"[{spec.label}] starting: {shlex.join(argv)}", flush=True)
@@ -185,7 +188,7 @@ async def run_engine(key: str, args, state: dict, results: dict, notes: Notes) -
     print(f"[{spec.label}] healthy after {server.startup_s:.0f} s", flush=True)
     results["engines"].append({"engine": key, "label": spec.label, "status": "ran",
                                "startup_s": server.startup_s,
-                               "command": shlex.join(argv), "env": env,
+                               "command": shlex.join(argv), "env": {**inherited, **env},
                                "configuration": spec.configuration(state["opts"])})  # fmt: skip
     sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     clock = Clock()

@@ -16,7 +16,7 @@ import pytest
 from conftest import BLOCK_SIZE, MAX_MODEL_LEN, NUM_BLOCKS
 from helpers import RpcFaults, greedy, reference, until
 from vllm_stateful import StatefulConfig, StatefulEngine
-from vllm_stateful.engine import registry as registry_module
+from vllm_stateful.engine import release as release_module
 from vllm_stateful.engine.budget import budget_limit
 from vllm_stateful.engine.session import SessionState
 from vllm_stateful.errors import (
@@ -124,7 +124,7 @@ async def test_failed_prefix_is_rolled_back(engine, faults):
 
 
 async def test_failed_close_keeps_budget_and_is_retried(engine, faults, monkeypatch):
-    monkeypatch.setattr(registry_module, "CLOSE_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(release_module, "CLOSE_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     free = await baseline(engine)
     budget = engine.budget.limit_tokens
     assert budget == USABLE_BLOCKS // 2 * BLOCK_SIZE == 8160

@@ -5,8 +5,9 @@ One release path, :meth:`SessionRegistry.release`, is the only place a
 session's budget and pin are given back: a close, an expiry, a create that
 is rolled back and an engine death all go through it. It runs as its own
 task, shielded from the caller's cancellation, and retries the CLOSE control
-request; the session keeps counting against the budget until the engine has
-acknowledged the CLOSE (so the budget never runs ahead of the pins).
+request (``release.py``); the session keeps counting against the budget
+until the engine has acknowledged the CLOSE (so the budget never runs ahead
+of the pins).
 """
 
 from __future__ import annotations
@@ -16,27 +17,23 @@ import logging
 import time
 from typing import Callable, Iterable, Iterator
 
-from vllm_stateful import metrics
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.budget import Budget
 from vllm_stateful.engine.journal import Journal
+from vllm_stateful.engine.release import release_pins
 from vllm_stateful.engine.rpc import EngineRPC
-from vllm_stateful.engine.session import Session, SessionEvent, SessionState
+from vllm_stateful.engine.session import Session, SessionState
 from vllm_stateful.errors import (
     ContextLengthError,
-    EngineDeadError,
     InvalidInputError,
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
     TenantLimitError,
 )
-from vllm_stateful.protocol import Op
 
 logger = logging.getLogger(__name__)
 
-# CLOSE attempts per release, and the pause before each retry.
-CLOSE_RETRY_DELAYS_S = (0.1, 0.5, 2.0)
 # How often the housekeeping loop looks for expired sessions, failed releases
 # and a dead engine.
 TICK_S = 0.5
@@ -44,9 +41,6 @@ TICK_S = 0.5
 RETRY_FAILED_S = 5.0
 # How often the last use of sessions is written to the store.
 JOURNAL_LAST_USED_S = 5.0
-# How long a release waits for the session's ingestion to stop (its engine
-# request aborted) before it sends CLOSE anyway.
-STOP_INGEST_S = 5.0
 
 
 class SessionRegistry:
@@ -206,69 +200,8 @@ class SessionRegistry:
         return session.release_task
 
     async def _release(self, session: Session, forgotten: asyncio.Future | None = None) -> None:
-        # A slide in flight stops first (it never swaps an ending session),
-        # then every ingestion: the session's and the window's.
-        window = session.window
-        for task in (session.slide_task, session.ingest_task, window and window.ingest_task):
-            if task is not None and not task.done():
-                # Abort its engine request before CLOSE is sent, so no append
-                # of this session is still running when the pin is dropped
-                # (the connector also refuses to pin a key closed meanwhile).
-                task.cancel()
-                await asyncio.wait({task}, timeout=STOP_INGEST_S)
-        async with session.changed:
-            session.changed.notify_all()  # waiters see the session ending
-        released = await self.send_close(session, session.key)
-        # A window being built and keys a slide retired hold pins too.
-        extra = ([window.key] if window is not None else []) + list(session.retiring)
-        for key in extra:
-            if await self.send_close(session, key):
-                session.retiring.pop(key, None)
-                if window is not None and key == window.key:
-                    session.window = None
-            else:
-                released = False
-        if forgotten is not None:
-            # Deleted from the store before the close returns (a failure is
-            # logged by the store; the session is then restored on restart).
-            await asyncio.wait({forgotten})
-        reason = session.closed_reason or "closed"
-        if released:
-            session.state = SessionState.CLOSED
-            session.pinned_tokens = 0
+        if await release_pins(self.rpc, session, forgotten):
             self.ending.pop(session.key, None)
-        else:
-            session.state = SessionState.FAILED
-            session.release_failed_at = time.monotonic()
-            metrics.RELEASE_FAILURES.inc()
-            logger.error(
-                "session '%s': the engine did not acknowledge CLOSE; its %d pinned tokens "
-                "stay budgeted and the release is retried", session.id, session.pinned_tokens,
-            )
-        if not session.announced_end:
-            # Subscribers always learn that the session ended, even when the
-            # pin could not be released yet (then it is retried).
-            session.announced_end = True
-            kind = "closed" if reason == "closed" else "evicted"
-            session.publish(SessionEvent(kind, session.version, {"reason": reason}))
-            session.subscribers.clear()
-
-    async def send_close(self, session: Session, key: str) -> bool:
-        """CLOSE ``key`` (the session's, or one a slide retired), retried;
-        True once the engine acknowledged it (the pin is gone)."""
-        for attempt, delay in enumerate((0.0, *CLOSE_RETRY_DELAYS_S)):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                report = await self.rpc.control(key, Op.CLOSE)
-            except EngineDeadError:
-                return False  # the pins died with the engine; nothing to retry
-            except Exception as exc:  # noqa: BLE001 - retried, then reported
-                logger.warning("session '%s': CLOSE attempt %d failed: %r", session.id, attempt + 1, exc)
-                continue
-            assert report.session_pinned_tokens == 0, report
-            return True
-        return False
 
     def retry_failed(self) -> list[asyncio.Task]:
         """Retry the release of every ``failed`` session now; returns the

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from vllm.logger import init_logger
 
+from vllm_stateful.engine.release import send_close
 from vllm_stateful.engine.session import Session, SessionEvent, SessionState
 from vllm_stateful.engine.window import WindowPlan, plan_window
 from vllm_stateful.errors import SlideInProgressError
@@ -177,7 +178,7 @@ class Slider:
             logger.error("session '%s': the store could not record the slide: %r", session.id, exc)
         # The old pin goes through the same CLOSE as a closing session; it
         # stays budgeted (``retiring``) until the engine acknowledged it.
-        if await self.registry.send_close(session, old_key):
+        if await send_close(self.registry.rpc, session, old_key):
             session.retiring.pop(old_key, None)
 
     def _swap(self, session: Session, window: Session, plan: WindowPlan) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_stateful.kv.offload import stored_tokens
+from vllm_stateful.kv.pins import same_until
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -102,10 +103,7 @@ class OffloadPlan:
         if tokens is None or computed % self.block_size:
             return 0
         prompt = request.prompt_token_ids
-        limit = min(len(tokens), len(prompt) - 1)
-        same = 0
-        while same < limit and prompt[same] == tokens[same]:
-            same += 1
+        same = same_until(prompt, tokens, 0, min(len(tokens), len(prompt) - 1))
         if same <= computed:
             return 0
         n = same - computed

@@ -15,6 +15,16 @@ from dataclasses import dataclass
 from vllm.v1.core.block_pool import BlockPool
 
 
+def same_until(prompt: list[int], tokens: list[int], start: int, limit: int) -> int:
+    """The first position from ``start`` (before ``limit``) where ``prompt``
+    and ``tokens`` differ, or ``limit``: how far stored KV is valid for the
+    prompt (KV is only valid for an identical prefix)."""
+    i = start
+    while i < limit and prompt[i] == tokens[i]:
+        i += 1
+    return i
+
+
 @dataclass
 class Pin:
     block_ids: list[int]
@@ -71,7 +81,5 @@ class PinTable:
         if prompt[:computed] != pin.token_ids[:computed]:
             return 0, -1
         limit = min(len(pin.token_ids), computed + self.block_size, len(prompt) - 1)
-        n = 0
-        while computed + n < limit and prompt[computed + n] == pin.token_ids[computed + n]:
-            n += 1
+        n = same_until(prompt, pin.token_ids, computed, limit) - computed
         return n, pin.block_ids[idx]
